@@ -45,6 +45,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from d2sd.errors import D2SDError
+
 __all__ = [
     "DATASETS",
     "DatasetSpec",
@@ -57,12 +59,7 @@ __all__ = [
 ]
 
 
-def _error(message: str) -> Exception:
-    """A D2SDError (the one-line user error the CLI prints), imported lazily from d2sd.errors."""
-    try:
-        from d2sd.errors import D2SDError
-    except ImportError:  # TODO(run): drop once d2sd/errors.py lands
-        return ValueError(message)
+def _error(message: str) -> D2SDError:
     return D2SDError(message)
 
 

