@@ -1,0 +1,77 @@
+"""Microbenchmark of `tree_mask` (kernels/tree_mask.py) against its reference.
+
+Shapes: K = 4 VP branches, γ = 16, γ2 in {16, 32}, token ids from the Qwen3 (151936) and SmolLM2
+(49152) vocabularies (the vocabulary only sets the id range; the tree size is what matters). The
+branches look like a real cycle: the VP drafts agree with the first draft for a few tokens after
+their branch point, then drift. The kernel is timed as a CUDA-graph replay; the reference is a
+host-side trie walk (it syncs), timed eagerly. GB/s = (inputs + outputs) bytes / time; the
+roofline is that byte count at 4.3 TB/s: this kernel is pure latency.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench._harness import print_table, roofline_us, time_us
+from kernels.tree_mask import tree_mask, tree_mask_ref
+
+COLUMNS = [
+    "vocab",
+    "gamma",
+    "gamma2",
+    "K",
+    "nodes",
+    "us",
+    "p20_us",
+    "p80_us",
+    "GB/s",
+    "roofline_us",
+    "ref_us",
+    "x_ref",
+]
+
+
+def _branches(vocab: int, gamma: int, gamma2: int, num_branches: int):
+    first = torch.randint(0, vocab, (gamma2,), device="cuda")
+    branch_len = torch.randint(0, gamma - 1, (num_branches,), device="cuda", dtype=torch.int32)
+    branches = torch.randint(0, vocab, (num_branches, gamma2), device="cuda")
+    pos = torch.arange(gamma2, device="cuda")
+    # keep the first draft up to 2 positions past the branch point, then drift
+    same = pos[None, :] <= branch_len[:, None] + 2
+    return first, torch.where(same, first[None, :], branches), branch_len
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Time kernel and reference per shape; print a table and return its rows."""
+    gamma, num_branches = 16, 4
+    shapes = [(v, g2) for v in (151936, 49152) for g2 in ((16,) if quick else (16, 32))]
+    rows = []
+    for vocab, gamma2 in shapes:
+        first, branches, branch_len = _branches(vocab, gamma, gamma2, num_branches)
+        args = (first, branches, branch_len)
+        kernel = time_us(lambda a=args: tree_mask(*a), cuda_graph=True)
+        ref = time_us(lambda a=args: tree_mask_ref(*a))
+        n = (num_branches + 1) * gamma2
+        nbytes = first.numel() * 8 + branches.numel() * 8 + num_branches * 4  # inputs
+        nbytes += n * (8 + 4 + 4) + 4 + n * ((n + 31) // 32) * 4 + n * 4  # outputs
+        rows.append(
+            {
+                "kernel": "tree_mask",
+                "vocab": vocab,
+                "gamma": gamma,
+                "gamma2": gamma2,
+                "K": num_branches,
+                "nodes": int(tree_mask(*args).num_nodes),
+                **kernel,
+                "GB/s": nbytes / kernel["us"] * 1e-3,
+                "roofline_us": roofline_us(nbytes, 0),
+                "ref_us": ref["us"],
+                "x_ref": ref["us"] / kernel["us"],
+            }
+        )
+    print_table("tree_mask (kernel: CUDA graph replay; reference: eager host trie)", rows, COLUMNS)
+    return rows
+
+
+if __name__ == "__main__":
+    run()
