@@ -1,0 +1,69 @@
+"""Static KV cache of one model (target or drafter): all layers in one tensor per role.
+
+Layout (ARCHITECTURE.md, "Caches"):
+
+    k_cache, v_cache : [num_layers, max_len, Hkv, D]  model dtype; rows [0, cache_len) are valid
+    cache_len        : int32 [1] on the device
+    k_local, v_local : [num_layers, R, Hkv, D]         this step's K/V, row b * T + t (R >= B * T)
+
+Keys are stored after RoPE (and after k_norm where the family has it). A forward over new tokens
+writes only the local rows; `commit` (kernels.commit, or a plain copy outside captured steps)
+moves accepted rows into the cache at cache_len and advances cache_len on the device.
+Buffers start zeroed so that rows past cache_len are finite.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Cache:
+    """Static per-model KV cache plus the local (uncommitted) K/V of the current step."""
+
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_len: torch.Tensor
+    k_local: torch.Tensor
+    v_local: torch.Tensor
+
+    @classmethod
+    def allocate(
+        cls,
+        num_layers: int,
+        max_len: int,
+        local_rows: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> Cache:
+        """Zeroed cache [num_layers, max_len, Hkv, D] and local rows [num_layers, local_rows, Hkv, D]."""
+        shape = (num_layers, max_len, num_kv_heads, head_dim)
+        local = (num_layers, local_rows, num_kv_heads, head_dim)
+        return cls(
+            k_cache=torch.zeros(shape, dtype=dtype, device=device),
+            v_cache=torch.zeros(shape, dtype=dtype, device=device),
+            cache_len=torch.zeros(1, dtype=torch.int32, device=device),
+            k_local=torch.zeros(local, dtype=dtype, device=device),
+            v_local=torch.zeros(local, dtype=dtype, device=device),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.k_cache.shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k_cache.shape[1]
+
+    @property
+    def local_rows(self) -> int:
+        return self.k_local.shape[1]
+
+    def reset(self) -> None:
+        """Forget every committed row (device-side; the buffers are kept)."""
+        self.cache_len.zero_()

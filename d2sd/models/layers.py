@@ -1,0 +1,97 @@
+"""The shared layer code of targets and drafters: RoPE, q/k projections, the decoder block.
+
+One decoder block, written once (HF module objects do the projections, norms and MLP; we do the
+rest):
+
+    h   = x + o_proj(attend(q, k, v))        q, k, v from input_layernorm(x)
+    out = h + mlp(post_attention_layernorm(h))
+
+with q = rope(q_norm(q_proj(.))) and k = rope(k_norm(k_proj(.))) (q/k norm only where the family
+has it, per head over head_dim, before RoPE, as Qwen3 does). `attend(q, k, v) -> o` is supplied by
+the caller: the target writes k/v into its local cache rows and calls the backend's cascade; the
+drafter's training path concatenates the context K/V and applies the caller's block mask.
+
+Layouts: x [..., T, hidden]; q [..., T, Hq, D]; k, v [..., T, Hkv, D]; o [..., T, Hq, D].
+
+RoPE: inv_freq and the attention scaling come from HF's own rotary module (which uses HF's rope
+init functions: default, linear, llama3, yarn, ...). cos/sin are computed in fp32 from int64
+absolute positions, cast to the activations' dtype and applied in the rotate-half convention
+(first half / second half of head_dim), exactly as HF does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from d2sd.models.spec import BlockSpec
+
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Rope(nn.Module):
+    """RoPE tables: positions (int64, any shape) -> (cos, sin) [..., D / 2] float32."""
+
+    def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.float().clone(), persistent=False)
+        self.attention_scaling = float(attention_scaling)
+
+    @classmethod
+    def from_hf_rotary(cls, rotary: nn.Module) -> Rope:
+        """Take inv_freq and attention_scaling from an HF `*RotaryEmbedding` module."""
+        return cls(rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0))
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
+        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., T, H, D] by cos/sin [..., T, D / 2] (rotate-half convention, x's dtype)."""
+    cos = cos[..., None, :].to(x.dtype)
+    sin = sin[..., None, :].to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def project_kv(
+    attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: BlockSpec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """k (normed, rotated) and v [..., T, Hkv, D] of x [..., T, hidden] through HF `attn`'s weights."""
+    k = attn.k_proj(x).unflatten(-1, (spec.num_kv_heads, spec.head_dim))
+    v = attn.v_proj(x).unflatten(-1, (spec.num_kv_heads, spec.head_dim))
+    if spec.qk_norm:
+        k = attn.k_norm(k)
+    return apply_rope(k, cos, sin), v
+
+
+def project_qkv(
+    attn: nn.Module, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, spec: BlockSpec
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q [..., T, Hq, D] and k, v [..., T, Hkv, D] of x (q/k norm where the family has it, RoPE)."""
+    q = attn.q_proj(x).unflatten(-1, (spec.num_heads, spec.head_dim))
+    if spec.qk_norm:
+        q = attn.q_norm(q)
+    k, v = project_kv(attn, x, cos, sin, spec)
+    return apply_rope(q, cos, sin), k, v
+
+
+def decoder_layer(
+    layer: nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attend: Attend,
+    spec: BlockSpec,
+) -> torch.Tensor:
+    """One pre-norm decoder block over HF `layer`'s modules; attention is `attend(q, k, v) -> o`."""
+    attn = layer.self_attn
+    q, k, v = project_qkv(attn, layer.input_layernorm(x), cos, sin, spec)
+    h = x + attn.o_proj(attend(q, k, v).flatten(-2))
+    mlp_out = layer.mlp(layer.post_attention_layernorm(h))
+    if spec.mlp_returns_tuple:
+        mlp_out = mlp_out[0]
+    return h + mlp_out
