@@ -41,8 +41,21 @@ class Rope(nn.Module):
 
     @classmethod
     def from_hf_rotary(cls, rotary: nn.Module) -> Rope:
-        """Take inv_freq and attention_scaling from an HF `*RotaryEmbedding` module."""
-        return cls(rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0))
+        """inv_freq and attention_scaling of an HF `*RotaryEmbedding` module, recomputed in fp32.
+
+        A fresh module is built from `rotary.config` (HF's rope init functions run again), since
+        the live one's inv_freq may have been rounded by a `.to(bfloat16)`.
+        """
+        with torch.device("cpu"):
+            fresh = type(rotary)(rotary.config)
+        return cls(fresh.inv_freq, getattr(fresh, "attention_scaling", 1.0))
+
+    def _apply(self, fn, recurse=True):
+        # follow device moves but never dtype casts: RoPE frequencies rounded to bf16 drift
+        exact = self.inv_freq
+        super()._apply(fn, recurse)
+        self.inv_freq = exact.to(self.inv_freq.device)
+        return self
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
