@@ -202,7 +202,7 @@ def format_stage_table(stats: RunStats) -> str:
         return [label, share, wall, _fmt(ms / cycles, 3), _fmt(ms / tokens, 3)]
 
     rows = [row(STAGE_LABELS.get(k, k), stats.stage_ms[k], True) for k in cycle_keys]
-    if cycle_keys:
+    if len(cycle_keys) > 1:
         rows.append(row("cycle", cycle_ms, True))
     outside = sum(stats.stage_ms.get(k, 0.0) for k in OUTSIDE_CYCLE)
     for key in OUTSIDE_CYCLE:
@@ -225,9 +225,10 @@ def format_report(
             f"τ (tokens committed per cycle) = {_fmt(stats.tau)} over {stats.num_cycles} cycles; "
             f"mean of per-generation means (the reference's) = {_fmt(stats.tau_per_generation)}"
         )
+        most = f" (at most {block_size} per cycle)" if block_size else ""
         parts.append(
-            "histogram of tokens committed per cycle:\n"
-            + format_histogram(stats.accept_lengths, block_size)
+            f"histogram of tokens committed per cycle{most}:\n"
+            + format_histogram(stats.accept_lengths)
         )
     parts.append(f"stages of {stats.mode}:\n{format_stage_table(stats)}")
     if baseline is not None and baseline is not stats and baseline.stage_ms:

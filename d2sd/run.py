@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens",
         type=int,
         default=None,
-        help="new tokens per turn (default: 256 on CUDA, 64 on the CPU)",
+        help="new tokens per turn (default: 256 on CUDA, 32 on the CPU)",
     )
     d.add_argument(
         "--no-cuda-graphs",
@@ -311,11 +311,6 @@ def _drafts(args: argparse.Namespace) -> tuple[str, dict[str, str | None], list[
         for role, shipped in SHIPPED_DRAFTS.items():
             if drafts[role] is None:
                 drafts[role] = str(shipped) if (shipped / "config.json").is_file() else "random"
-        if "random" in drafts.values():
-            notes.append(
-                "drafters are untrained (random weights; no shipped drafters in "
-                f"{CHECKPOINTS}), so τ will be ~1 and there is no speedup"
-            )
     mode = args.mode
     if mode is None:
         mode = "d2sd" if all(drafts.values()) else "dflash" if drafts["draft"] else "ar"
@@ -330,6 +325,16 @@ def _drafts(args: argparse.Namespace) -> tuple[str, dict[str, str | None], list[
             drafts[role] = None  # not loaded when the mode does not run it
         elif drafts[role] != "random":
             check_checkpoint(option, drafts[role])
+    untrained = [
+        option
+        for role, option in (("draft", "--draft"), ("vp_draft", "--vp-draft"))
+        if drafts[role] == "random"
+    ]
+    if untrained:
+        notes.append(
+            f"drafters are untrained (random weights for {' and '.join(untrained)}; no shipped "
+            f"drafters in {CHECKPOINTS}), so τ will be ~1 and there is no speedup"
+        )
     return mode, drafts, notes
 
 
@@ -345,7 +350,7 @@ def plan(argv: Sequence[str] | None) -> Plan:
     dtype = cli_checks.resolve_dtype(args.dtype, device)
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:
-        max_new_tokens = 256 if device.type == "cuda" else 64
+        max_new_tokens = 256 if device.type == "cuda" else 32
     backend = cli_checks.resolve_backend(args.backend, device, dtype)
     try:  # "default" is installed, the path exists, or it is a hub id
         resolve_target_source(args.target)
@@ -362,6 +367,10 @@ def plan(argv: Sequence[str] | None) -> Plan:
         max_new_tokens=max_new_tokens,
         branches=mode in DUAL_MODES,
     )
+    if args.json is not None:
+        folder = Path(args.json).expanduser().resolve().parent
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise D2SDError(f"--json {args.json}: cannot write into {folder}")
     samples = _samples(args)
     return Plan(args, mode, device, dtype, backend, drafts, samples, max_new_tokens, notes)
 
