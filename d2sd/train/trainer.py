@@ -131,8 +131,8 @@ class TargetTaps:
 
     def __init__(self, target: torch.nn.Module, layer_ids: Sequence[int], batch: int, seq_len: int):
         spec = target.spec
-        if not spec.attention_sinks and all(w < 0 for w in spec.window_left):
-            target.backend = CausalSdpaBackend()
+        plain = not spec.attention_sinks and all(w < 0 for w in spec.window_left)
+        self.backend = CausalSdpaBackend() if plain else None
         self.target = target
         self.layer_ids = tuple(layer_ids)
         self.cache = target.allocate_cache(1, batch, seq_len)
@@ -142,9 +142,15 @@ class TargetTaps:
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """input_ids [B, T] -> ctx_hidden [B*T, n_taps*H] (the target's dtype)."""
         self.cache.reset()
-        _, taps = self.target(
-            input_ids, self.positions, self.cache, causal=True, taps=self.layer_ids
-        )
+        saved = self.target.backend
+        if self.backend is not None:  # borrowed for the call: the target keeps its own backend
+            self.target.backend = self.backend
+        try:
+            _, taps = self.target(
+                input_ids, self.positions, self.cache, causal=True, taps=self.layer_ids
+            )
+        finally:
+            self.target.backend = saved
         return taps.reshape(-1, taps.shape[-1])
 
 
@@ -254,13 +260,13 @@ def lr_factor(step: int, *, warmup: int, total: int, min_ratio: float) -> float:
 # ----------------------------------------------------------------------------- the loop
 
 
-def _resolve_device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def _resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {
@@ -287,8 +293,8 @@ class Trainer:
         if cfg.objective not in ("dflash", "vp"):
             raise ValueError(f"objective must be 'dflash' or 'vp', got {cfg.objective!r}")
         self.cfg = cfg
-        self.device = _resolve_device(cfg.device)
-        self.dtype = _resolve_dtype(cfg.dtype, self.device)
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
         if target is None:
             target = TargetModel.from_hf(
@@ -328,6 +334,10 @@ class Trainer:
             self.attention = "flex" if self.device.type == "cuda" else "dense"
         if cfg.resume:
             self.load_state()
+
+    def weights_bytes(self) -> int:
+        """Bytes of the drafter's own weights in bf16 (the shipped checkpoint, minus headers)."""
+        return checkpoint_bytes(self.params)
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -378,10 +388,12 @@ class Trainer:
 
     # -- run -----------------------------------------------------------------------------------
 
-    def train(self) -> dict[str, Any]:
-        """Run until ``cfg.steps``; log, save every ``save_every`` and at the end. Returns the
-        final metrics (also in ``out/train_meta.json``)."""
+    def train(self, until: int | None = None) -> dict[str, Any]:
+        """Run until ``cfg.steps`` (or stop early at step ``until``, as an interruption would);
+        log, save every ``save_every`` and at the end. Returns the final metrics (also in
+        ``out/train_meta.json``)."""
         cfg = self.cfg
+        stop = cfg.steps if until is None else min(until, cfg.steps)
         self.out.mkdir(parents=True, exist_ok=True)
         log_file = self.out / "train_log.jsonl"
         if not cfg.resume and log_file.exists():
@@ -391,7 +403,7 @@ class Trainer:
         metrics: dict[str, Any] = {}
         bar = tqdm(total=cfg.steps, initial=self.step, desc=cfg.objective, disable=cfg.quiet)
         start_step, wall = self.step, time.perf_counter()
-        while self.step < cfg.steps:
+        while self.step < stop:
             batch = self.batch(self.step)
             out = self.train_step(batch)
             tokens += int(batch.lengths.sum())
@@ -399,7 +411,7 @@ class Trainer:
                 window[k] = window.get(k, 0) + v
             window_steps += 1
             bar.update(1)
-            last = self.step == cfg.steps
+            last = self.step == stop
             if self.step % cfg.log_every == 0 or last:
                 elapsed = time.perf_counter() - window_start
                 metrics = self._log_line(window, window_steps, tokens / max(elapsed, 1e-9))
