@@ -266,6 +266,36 @@ def test_tiny_greedy_d2sd_equals_ar(tiny, tmp_path: Path, capsys: pytest.Capture
     assert 1 <= summary["d2sd"]["tau"] <= 4
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["branches", "tree"])
+def test_tiny_run_on_cuda(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture, layout: str
+) -> None:
+    # the CUDA defaults: bf16, the triton backend, CUDA graphs, a warm-up before the timed runs
+    from d2sd import models
+    from tests import tiny_models
+
+    hf = tiny_models.tiny_hf_model("llama", vocab_size=320)
+    tokenizer = tiny_models.tiny_tokenizer()
+
+    def from_hf(cls, source, *, dtype, device, backend):
+        return cls(hf.to(device=device, dtype=dtype), backend, tokenizer=tokenizer)
+
+    monkeypatch.setattr(models.TargetModel, "from_hf", classmethod(from_hf))
+    monkeypatch.setattr(models.loading, "resolve_target_source", lambda source: None)
+    monkeypatch.setattr(
+        run, "SHIPPED_DRAFTS", {role: Path("/nonexistent") for role in run.SHIPPED_DRAFTS}
+    )
+    out_json = tmp_path / "r.json"
+    argv = ["--block-size", "4", "--topk", "2", "--max-new-tokens", "24"]
+    code, out, err = _main([*argv, "--verify-layout", layout, "--json", str(out_json)], capsys)
+    assert code == 0, err
+    assert "cuda bfloat16, backend triton" in err
+    assert out.count("=== [") == 3 and "stages of d2sd" in out and "greedy check" in out
+    settings = json.loads(out_json.read_text())["settings"]
+    assert (settings["device"], settings["backend"]) == ("cuda", "triton")
+
+
 # ---------------------------------------------------------------------------------------------
 # Fake decoder: printing, report, JSON, multi-turn, Ctrl-C (independent of the decode loop)
 # ---------------------------------------------------------------------------------------------
