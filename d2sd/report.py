@@ -6,7 +6,8 @@ ARCHITECTURE.md, "Decoding"), or anything with the same fields: `tokens`, `accep
 
 Definitions:
 - tokens/s = new tokens / wall seconds, summed over all generations (prompts and turns) of a mode;
-  ms/token is its inverse. Speedup = ms/token of `ar` / ms/token of the mode (same prompts, same run).
+  ms/token is its inverse. Wall time is the whole `generate` call, prefill included, for every
+  mode alike. Speedup = ms/token of `ar` / ms/token of the mode (same prompts, same run).
 - τ (mean accepted length) = tokens committed per cycle, pooled over cycles: sum(accept_lengths) /
   number of cycles. The reference code (catnanami/D2-SD `benchmark.py`) averages per-generation
   means instead; `RunStats.tau_per_generation` gives that number too (equal when lengths are equal).

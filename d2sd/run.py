@@ -194,7 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
         "mbpp-full, lbpp, livecodebench, swe-bench, alpaca, alpaca-long, mt-bench (default: none)",
     )
     q.add_argument(
-        "--max-samples", type=int, default=16, help="samples taken from --dataset (default: 16)"
+        "--max-samples",
+        type=int,
+        default=16,
+        help="the first N samples of --dataset, in file order (default: 16)",
     )
     q.add_argument("--split", default="test", help="dataset split (default: test)")
     q.add_argument(
