@@ -144,6 +144,28 @@ def test_tree_mask_matches_root_paths(family):
         assert_logits_close(taps[0, node], ref_taps[0, -1])
 
 
+@pytest.mark.parametrize("family", ["qwen3", "gpt_oss"])
+def test_triton_backend_in_the_model(family):
+    """The model over the Triton kernel (CPU interpreter): prefill + 2 branches, like HF."""
+    from tests.conftest import interpreting
+
+    if not interpreting():
+        pytest.skip("CPU run of the Triton kernel needs TRITON_INTERPRET=1")
+    if "triton" not in available_backends("cpu"):
+        pytest.skip("kernels.cascade_attention is not importable")
+    hf, target = tiny_target(family, VOCAB, backend="triton", tap_layer_ids=TAPS)
+    prefix = torch.randint(0, VOCAB, (1, 9))
+    cache = target.allocate_cache(32, 2, 6)
+    last_logits, _ = target.prefill(prefix, cache)
+    assert_logits_close(last_logits, hf(prefix).logits[:, -1])
+    branches = torch.randint(0, VOCAB, (2, 6))
+    logits, taps = target(branches, (9 + torch.arange(6)).expand(2, -1), cache)
+    for b in range(2):
+        ref_logits, ref_taps = hf_reference(hf, torch.cat([prefix, branches[b : b + 1]], dim=1))
+        assert_logits_close(logits[b], ref_logits[0, -6:])
+        assert_logits_close(taps[b], ref_taps[0, -6:])
+
+
 def test_spec_table():
     specs = {family: ModelSpec.from_hf_config(tiny_config(family)) for family in FAMILY_NAMES}
     assert [specs[f].qk_norm for f in FAMILY_NAMES] == [False, False, True, False]
