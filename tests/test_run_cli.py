@@ -195,6 +195,7 @@ def tiny(monkeypatch: pytest.MonkeyPatch):
     from tests import tiny_models
 
     _, target = tiny_models.tiny_target("llama", vocab_size=320)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU defaults everywhere
     monkeypatch.setattr(models.TargetModel, "from_hf", classmethod(lambda cls, *a, **k: target))
     monkeypatch.setattr(models.loading, "resolve_target_source", lambda source: None)
     monkeypatch.setattr(
@@ -350,6 +351,7 @@ class _FakeDecoder:
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch):
     decoder = _FakeDecoder()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no CUDA warm-up calls
     target = SimpleNamespace(
         hf=SimpleNamespace(config=SimpleNamespace(max_position_embeddings=4096))
     )
