@@ -38,7 +38,7 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 # Stand-in for "no bound" in the int32 per-row key bounds.
-NO_KEY_BOUND = 1 << 30
+NO_KEY_BOUND = tl.constexpr(1 << 30)
 
 
 # ----------------------------------------------------------------------------- device helpers

@@ -28,7 +28,7 @@ import triton.language as tl
 from kernels._attention import call_op, merge_ref, merge_two
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_rows", "num_heads", "head_dim"])
 def _lse_merge_kernel(
     # pointers
     o_a_ptr,

@@ -1,0 +1,363 @@
+"""Attention of all B*T queries to the shared prefix (one layer's KV cache), split over the keys.
+
+Math: query (b, t) sits at position `cache_len + t`, prefix key j at j, so every prefix key is in
+the past; with a window (`window_left = W >= 0`) key j is visible iff `cache_len + t - j <= W`.
+Scores `s_j = q.k_j * sm_scale * log2(e)` (base 2); `o = sum_j 2^(s_j - lse) v_j`,
+`lse = log2(sum_j 2^s_j)` over the visible keys. A row that sees no key (cache_len = 0, or a
+window that ends before the prefix) gives o = 0, lse = -inf.
+
+Layouts: q [B, T, Hq, D] (D contiguous, any other strides); k_cache, v_cache [max_len, Hkv, D]
+(rows [0, cache_len) valid); cache_len int32 [1] on the device. Out: o [B, T, Hq, D] float32 and
+lse [B, T, Hq] float32. GQA: query head h reads kv head h // (Hq // Hkv).
+
+Kernel (`_prefix_split_kernel`): grid (row tiles, KV splits, kv heads). The rows of one kv head
+pack all B*T tokens x its GQA group (`row = token * group + g`), so each K/V tile of the prefix is
+streamed once per row tile for every branch at once (row tiles of one (split, kv head) are
+adjacent in launch order and share the tiles through L2). The number of splits is a host constant
+chosen from max_len and the GPU size (`num_kv_splits`), never from the current length, so the grid
+is fixed and the launch is CUDA-graph capturable; inside the kernel the visible key range
+`[max(0, cache_len - W), cache_len)` is cut into equal chunks (multiples of BLOCK_N, at least
+`min_split_keys`), so at a short prefix only the first splits get keys and the rest store an empty
+state (lse = -inf, o left unwritten) and exit. Each split runs up to three loops of the shared
+online-softmax step: masked tiles at the window's edge, unmasked full tiles, a masked tail tile.
+With one split the kernel writes the final (o, lse); with several it writes partial states
+[S, B, T, Hq, ...] that one pass of the branch kernel (with no local keys) merges.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._attention import (
+    LOG2E,
+    NO_KEY_BOUND,
+    attend_range,
+    attention_ref,
+    call_op,
+    check_head_dim,
+    check_sm_scale,
+    dot_precision,
+    finish_state,
+    interpreting,
+    min_split_keys,
+    num_kv_splits,
+)
+
+
+# sizes and switches vary per call site: no per-value specialization (one compile per config)
+@triton.jit(
+    do_not_specialize=[
+        "num_rows", "seq_len", "group", "max_len", "num_splits", "split_min_keys",
+        "window_left", "store_empty_o",
+    ]
+)  # fmt: skip
+def _prefix_split_kernel(
+    # pointers
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cache_len_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    # sizes
+    num_rows,
+    seq_len,
+    group,
+    max_len,
+    num_splits,
+    split_min_keys,
+    # strides (head_dim is contiguous everywhere)
+    stride_qb,
+    stride_qt,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_os,
+    stride_ob,
+    stride_ot,
+    stride_oh,
+    stride_ls,
+    stride_lb,
+    stride_lt,
+    stride_lh,
+    # meta
+    qk_scale,
+    window_left,
+    store_empty_o,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    kv_head = tl.program_id(2)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < num_rows
+    token = rows // group
+    head = kv_head * group + rows % group
+    batch = token // seq_len
+    t = token % seq_len
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    # this split's keys: an equal share of the visible range [lo, prefix_len)
+    prefix_len = tl.minimum(tl.load(cache_len_ptr), max_len)
+    windowed = window_left >= 0
+    lo = tl.where(windowed, tl.maximum(prefix_len - window_left, 0), 0)
+    chunk = tl.maximum(tl.cdiv(prefix_len - lo, num_splits), split_min_keys)
+    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+    split_lo = lo + split * chunk
+    split_hi = tl.maximum(tl.minimum(split_lo + chunk, prefix_len), split_lo)
+    has_keys = split_hi > split_lo
+
+    # keys >= all_visible_from are inside every row's window (the last token's is the tightest)
+    all_visible_from = tl.where(windowed, prefix_len + seq_len - 1 - window_left, 0)
+    edge_end = tl.minimum(tl.maximum(all_visible_from, split_lo), split_hi)
+    full_lo = tl.minimum(split_lo + tl.cdiv(edge_end - split_lo, BLOCK_N) * BLOCK_N, split_hi)
+    full_hi = full_lo + (split_hi - full_lo) // BLOCK_N * BLOCK_N
+    row_min_key = tl.where(windowed, prefix_len + t - window_left, -NO_KEY_BOUND)
+    row_max_key = tl.where(row_valid, NO_KEY_BOUND, -1)
+
+    q = tl.load(
+        q_ptr + (batch * stride_qb + t * stride_qt + head * stride_qh)[:, None] + offs_d[None, :],
+        mask=(rows < tl.where(has_keys, num_rows, 0))[:, None],
+        other=0.0,
+    )
+    k_head = k_ptr + kv_head * stride_kh
+    v_head = v_ptr + kv_head * stride_vh
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    # window edge: per-row lower bounds
+    acc, m_i, l_i = attend_range(
+        acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn,
+        split_lo, full_lo, split_hi, qk_scale, row_min_key, row_max_key, None,
+        MASKED=True, HAS_TREE_MASK=False,
+        BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+    )  # fmt: skip
+    # the bulk: whole tiles every row sees
+    acc, m_i, l_i = attend_range(
+        acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn,
+        full_lo, full_hi, split_hi, qk_scale, row_min_key, row_max_key, None,
+        MASKED=False, HAS_TREE_MASK=False,
+        BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+    )  # fmt: skip
+    # the partial last tile
+    acc, m_i, l_i = attend_range(
+        acc, m_i, l_i, q, k_head, v_head, stride_kn, stride_vn,
+        full_hi, split_hi, split_hi, qk_scale, row_min_key, row_max_key, None,
+        MASKED=True, HAS_TREE_MASK=False,
+        BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+    )  # fmt: skip
+    o, lse = finish_state(acc, m_i, l_i)
+
+    o_rows = split * stride_os + batch * stride_ob + t * stride_ot + head * stride_oh
+    tl.store(
+        part_o_ptr + o_rows[:, None] + offs_d[None, :],
+        o,
+        mask=(rows < tl.where(has_keys | (store_empty_o != 0), num_rows, 0))[:, None],
+    )
+    lse_rows = split * stride_ls + batch * stride_lb + t * stride_lt + head * stride_lh
+    tl.store(part_lse_ptr + lse_rows, lse, mask=row_valid)
+
+
+def _configs() -> list[triton.Config]:
+    if interpreting():
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4)]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        # all compile without register spills for head_dim 64 and 128 on sm_90
+        for bm, bn, w, s in (
+            (128, 64, 8, 3),
+            (128, 128, 8, 2),
+            (128, 32, 8, 4),
+            (64, 64, 4, 3),
+            (64, 32, 4, 4),
+        )
+    ]
+
+
+# The winner depends on the tile shapes (head_dim, GQA group) and on the parallelism (splits); not
+# on the prefix length, which changes every step.
+_prefix_split = triton.autotune(configs=_configs(), key=["HEAD_DIM", "group", "num_splits"])(
+    _prefix_split_kernel
+)
+
+
+def check_prefix_inputs(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_len: torch.Tensor
+) -> None:
+    """Shape/dtype/device checks shared with cascade_attention."""
+    assert q.dim() == 4, f"q must be [B, T, Hq, D], got {tuple(q.shape)}"
+    assert k_cache.dim() == 3, f"k_cache must be [max_len, Hkv, D], got {tuple(k_cache.shape)}"
+    assert v_cache.shape == k_cache.shape, (
+        f"v_cache {tuple(v_cache.shape)} != k_cache {tuple(k_cache.shape)}"
+    )
+    num_q_heads, head_dim = q.shape[2:]
+    num_kv_heads = k_cache.shape[1]
+    check_head_dim(head_dim)
+    assert k_cache.shape[2] == head_dim, f"k_cache head_dim {k_cache.shape[2]} != q's {head_dim}"
+    assert num_q_heads % num_kv_heads == 0, f"Hq={num_q_heads} not a multiple of Hkv={num_kv_heads}"
+    assert k_cache.dtype == v_cache.dtype == q.dtype, (
+        f"dtypes differ: q {q.dtype}, k_cache {k_cache.dtype}, v_cache {v_cache.dtype}"
+    )
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        assert t.stride(-1) == 1, f"{name}'s head_dim must be contiguous, strides {t.stride()}"
+        assert t.device == q.device, f"{name} on {t.device}, q on {q.device}"
+    assert cache_len.dtype == torch.int32 and cache_len.numel() == 1, (
+        f"cache_len must be a device int32 [1], got {cache_len.dtype} {tuple(cache_len.shape)}"
+    )
+    assert cache_len.device == q.device, f"cache_len on {cache_len.device}, q on {q.device}"
+
+
+def prefix_splits(q: torch.Tensor, k_cache: torch.Tensor) -> int:
+    """The KV split count of this call site (host constant: depends on shapes only)."""
+    batch, seq, num_q_heads, _ = q.shape
+    return num_kv_splits(k_cache.shape[0], k_cache.shape[1], batch * seq * num_q_heads, q.device)
+
+
+def launch_prefix_split(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: torch.Tensor,
+    part_o: torch.Tensor,
+    part_lse: torch.Tensor,
+    sm_scale: float,
+    window_left: int,
+    *,
+    store_empty_o: bool,
+) -> None:
+    """Launch the split pass into part_o [S, B, T, Hq, D] / part_lse [S, B, T, Hq] (S = splits)."""
+    batch, seq, num_q_heads, head_dim = q.shape
+    max_len, num_kv_heads, _ = k_cache.shape
+    group = num_q_heads // num_kv_heads
+    num_rows = batch * seq * group
+    num_splits = part_o.shape[0]
+    if num_rows == 0:
+        return
+
+    def grid(meta):
+        return (triton.cdiv(num_rows, meta["BLOCK_M"]), num_splits, num_kv_heads)
+
+    _prefix_split[grid](
+        q, k_cache, v_cache, cache_len, part_o, part_lse,
+        num_rows, seq, group, max_len, num_splits, min_split_keys(q.device),
+        *q.stride()[:3], *k_cache.stride()[:2], *v_cache.stride()[:2],
+        *part_o.stride()[:4], *part_lse.stride(),
+        sm_scale * LOG2E, window_left, int(store_empty_o),
+        HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(q.dtype),
+    )  # fmt: skip
+
+
+def _prefix_attention_impl(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: torch.Tensor,
+    sm_scale: float,
+    window_left: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from kernels.branch_attention import launch_branch  # the split merge is the branch kernel
+
+    batch, seq, num_q_heads, head_dim = q.shape
+    out_shape = (batch, seq, num_q_heads)
+    o = torch.empty(*out_shape, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(out_shape, dtype=torch.float32, device=q.device)
+    num_splits = prefix_splits(q, k_cache)
+    if num_splits == 1:
+        launch_prefix_split(
+            q, k_cache, v_cache, cache_len, o.unsqueeze(0), lse.unsqueeze(0),
+            sm_scale, window_left, store_empty_o=True,
+        )  # fmt: skip
+        return o, lse
+    part_o = torch.empty(num_splits, *out_shape, head_dim, dtype=torch.float32, device=q.device)
+    part_lse = torch.empty(num_splits, *out_shape, dtype=torch.float32, device=q.device)
+    launch_prefix_split(
+        q, k_cache, v_cache, cache_len, part_o, part_lse, sm_scale, window_left,
+        store_empty_o=False,
+    )  # fmt: skip
+    launch_branch(
+        None, None, None, None, False, part_o, part_lse, o, lse, sm_scale, -1,
+        group=num_q_heads // k_cache.shape[1],
+    )  # fmt: skip
+    return o, lse
+
+
+_prefix_attention_op = torch.library.custom_op(
+    "d2sd::prefix_attention",
+    _prefix_attention_impl,
+    mutates_args=(),
+    schema="(Tensor q, Tensor k_cache, Tensor v_cache, Tensor cache_len, float sm_scale, "
+    "int window_left) -> (Tensor, Tensor)",
+)
+
+
+@_prefix_attention_op.register_fake
+def _(q, k_cache, v_cache, cache_len, sm_scale, window_left):
+    return q.new_empty(q.shape, dtype=torch.float32), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def prefix_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    window_left: int = -1,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, T, Hq, D] to the prefix k_cache/v_cache [max_len, Hkv, D][:cache_len].
+
+    cache_len: device int32 [1] (read in the kernel: no host sync, graph-capturable).
+    sm_scale defaults to D ** -0.5; window_left = -1 means no window.
+    Returns o [B, T, Hq, D] float32 and lse [B, T, Hq] float32 (base 2).
+    """
+    check_prefix_inputs(q, k_cache, v_cache, cache_len)
+    assert window_left >= -1, f"window_left must be -1 (none) or >= 0, got {window_left}"
+    scale = check_sm_scale(sm_scale, q.shape[-1])
+    return call_op(
+        _prefix_attention_op, _prefix_attention_impl,
+        q, k_cache, v_cache, cache_len, scale, int(window_left),
+    )  # fmt: skip
+
+
+def prefix_visibility(
+    prefix_len: int, seq_len: int, window_left: int, device: torch.device | str
+) -> torch.Tensor:
+    """bool [T, prefix_len]: may query t (at prefix_len + t) see prefix key j (at j)?"""
+    t = torch.arange(seq_len, device=device)[:, None]
+    j = torch.arange(prefix_len, device=device)[None, :]
+    visible = torch.ones(seq_len, prefix_len, dtype=torch.bool, device=device)
+    if window_left >= 0:
+        visible &= (prefix_len + t) - j <= window_left
+    return visible
+
+
+def prefix_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_len: torch.Tensor,
+    *,
+    sm_scale: float | None = None,
+    window_left: int = -1,
+    compute_dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Torch reference (fp32 by default; host-syncs on cache_len). Returns (o, lse) like the kernel."""
+    prefix_len = int(cache_len.item())
+    scale = check_sm_scale(sm_scale, q.shape[-1])
+    visible = prefix_visibility(prefix_len, q.shape[1], window_left, q.device)
+    return attention_ref(
+        q,
+        k_cache[None, :prefix_len],
+        v_cache[None, :prefix_len],
+        visible[None],
+        scale,
+        compute_dtype,
+    )

@@ -1,0 +1,204 @@
+"""cascade_attention against an independent dense reference (one softmax over prefix + local keys),
+on the interpreter and the GPU; against FlashInfer's shared-prefill + merge sequence; and its
+CUDA-graph replay after cache_len changes (GPU)."""
+
+import pytest
+import torch
+
+from kernels.branch_attention import branch_attention
+from kernels.cascade_attention import cascade_attention, cascade_attention_ref
+from kernels.prefix_attention import prefix_attention
+from tests._attention_cases import (
+    LOW_DTYPES,
+    assert_close_by_dtype,
+    assert_lse_close,
+    make_problem,
+    random_tree_mask,
+)
+
+LOW = LOW_DTYPES[0]
+
+
+def _mask(local, seq, batch, device):
+    if local == "tree":
+        return random_tree_mask(seq, empty_row=seq - 1, device=device)[0]
+    if local == "tree_b":
+        return random_tree_mask(seq, batch, empty_row=0, device=device)[0]
+    return None
+
+
+def _check(p, local, window, dtype, mask=None):
+    causal = local == "causal"
+    kwargs = dict(causal=causal, mask=mask, window_left=window)
+    args = (p.q, p.k_cache, p.v_cache, p.cache_len, p.k_local, p.v_local)
+    o, lse = cascade_attention(*args, return_lse=True, **kwargs)
+    o_ref, lse_ref = cascade_attention_ref(*args, return_lse=True, **kwargs)
+    o_low = (
+        None
+        if dtype == torch.float32
+        else cascade_attention_ref(*args, compute_dtype=dtype, **kwargs)
+    )
+    assert o.dtype == dtype and o.shape == p.q.shape
+    assert_close_by_dtype(o, o_ref, o_low, dtype)
+    assert_lse_close(lse, lse_ref)
+    return o, lse
+
+
+# (B, T, Hq, Hkv, D, prefix_len, max_len, local, window_left, dtype): what each case exercises
+CASES = [
+    (2, 5, 4, 2, 64, 0, 40, "causal", -1, torch.float32),  # empty prefix: local attention only
+    (1, 1, 1, 1, 64, 1, 4, "causal", -1, torch.float32),  # one prefix key, one token, group 1
+    (3, 5, 3, 1, 64, 37, 60, "bidir", -1, torch.float32),  # odd prefix, group 3, several splits
+    (2, 16, 4, 1, 128, 45, 50, "causal", -1, LOW),  # group 4, D 128, 16-bit
+    (2, 16, 8, 1, 64, 20, 100, "tree", -1, torch.float32),  # group 8, shared mask, masked row
+    (2, 33, 2, 2, 64, 30, 40, "tree_b", -1, LOW),  # per-branch masks, two mask words
+    (16, 5, 2, 1, 64, 19, 25, "causal", -1, torch.float32),  # 16 branches
+    (
+        1,
+        33,
+        4,
+        2,
+        64,
+        60,
+        80,
+        "causal",
+        8,
+        torch.float32,
+    ),  # window 8 < T: late rows lose the prefix
+    (2, 16, 2, 1, 64, 70, 90, "bidir", 40, LOW),  # window edge inside the prefix, bidirectional
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:9])))
+def test_cascade_attention_matches_dense_reference(case):
+    batch, seq, hq, hkv, head_dim, prefix_len, max_len, local, window, dtype = case
+    p = make_problem(batch, seq, hq, hkv, head_dim, prefix_len, dtype, max_len=max_len)
+    _check(p, local, window, dtype, _mask(local, seq, batch, p.q.device))
+
+
+def test_cascade_equals_prefix_then_branch():
+    # the fused two-launch op and the public two-step composition agree (same merge conventions)
+    p = make_problem(3, 5, 4, 2, 64, 41, torch.float32, max_len=64)
+    prefix_o, prefix_lse = prefix_attention(p.q, p.k_cache, p.v_cache, p.cache_len, window_left=30)
+    o2, lse2 = branch_attention(
+        p.q, p.k_local, p.v_local, causal=True, prefix_o=prefix_o, prefix_lse=prefix_lse,
+        window_left=30, return_lse=True,
+    )  # fmt: skip
+    o, lse = cascade_attention(
+        p.q, p.k_cache, p.v_cache, p.cache_len, p.k_local, p.v_local, causal=True,
+        window_left=30, return_lse=True,
+    )  # fmt: skip
+    assert_close_by_dtype(o, o2, None, torch.float32)
+    assert_lse_close(lse, lse2)
+
+
+def test_cascade_attention_follows_device_cache_len():
+    # one set of buffers, several lengths written on the device (what a decode loop does)
+    p = make_problem(2, 5, 2, 1, 64, 50, torch.float32, max_len=50)
+    for length in (50, 0, 1, 33):
+        p.cache_len.fill_(length)
+        _check(p, "causal", -1, torch.float32)
+
+
+def test_cascade_attention_opcheck():
+    p = make_problem(1, 3, 2, 1, 16, 5, torch.float32, max_len=8)
+    mask = random_tree_mask(3, device=p.q.device)[0]
+    op = torch.ops.d2sd.cascade_attention.default
+    args = (p.q, p.k_cache, p.v_cache, p.cache_len, p.k_local, p.v_local)
+    torch.library.opcheck(op, (*args, True, None, 0.25, -1))
+    torch.library.opcheck(op, (*args, False, mask, 0.25, 2))
+
+
+# ----------------------------------------------------------------------------- GPU
+
+GPU_HEADS = [("qwen3-8b", 32, 8, 128), ("smollm2", 9, 3, 64), ("group1", 4, 4, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads", GPU_HEADS, ids=lambda h: h[0])
+@pytest.mark.parametrize("prefix_len", [0, 1, 777, 8195])
+# one branch; the verify shape (causal and tree); 16 branches of an odd T (bidirectional drafts)
+@pytest.mark.parametrize(
+    ("batch", "seq", "local"),
+    [(1, 16, "causal"), (5, 16, "causal"), (5, 16, "tree_b"), (16, 33, "bidir")],
+)
+def test_cascade_attention_gpu_matches_reference(heads, prefix_len, batch, seq, local):
+    _, hq, hkv, head_dim = heads
+    dtype = torch.bfloat16
+    p = make_problem(
+        batch, seq, hq, hkv, head_dim, prefix_len, dtype, max_len=prefix_len + 300, device="cuda"
+    )
+    _check(p, local, -1, dtype, _mask(local, seq, batch, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [0, 127, 5000])
+def test_cascade_attention_gpu_fp16_window(window):
+    # GPT-OSS-style sliding window, fp16, group 8
+    p = make_problem(4, 16, 64, 8, 64, 3000, torch.float16, max_len=4096, device="cuda")
+    _check(p, "causal", window, torch.float16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("causal", [True, False])
+def test_cascade_attention_matches_flashinfer(head_dim, causal):
+    pytest.importorskip("flashinfer")
+    from bench._flashinfer_ref import cascade_sequence
+
+    hq, hkv = (32, 8) if head_dim == 128 else (9, 3)
+    prefix_len = 2049
+    p = make_problem(
+        5, 16, hq, hkv, head_dim, prefix_len, torch.bfloat16, max_len=4096, device="cuda"
+    )
+    args = (p.q, p.k_cache, p.v_cache, p.cache_len, p.k_local, p.v_local)
+    o = cascade_attention(*args, causal=causal)
+    o_fi = torch.stack(
+        cascade_sequence(
+            p.q, p.k_cache[:prefix_len], p.v_cache[:prefix_len], p.k_local, p.v_local,
+            causal=causal,
+        )
+    )  # fmt: skip
+    o_ref = cascade_attention_ref(*args, causal=causal)
+    assert_close_by_dtype(o, o_ref, o_fi, torch.bfloat16, "o (bound: FlashInfer's error)")
+
+
+@pytest.mark.gpu
+def test_cascade_attention_cuda_graph_replays_after_cache_len_changes():
+    # capture once at one length; replay at others: same graph, no recompilation, right answers
+    from kernels import cascade_attention as module  # noqa: F401  (the lazy export table loads)
+    from kernels.branch_attention import _branch
+    from kernels.prefix_attention import _prefix_split
+
+    p = make_problem(5, 16, 32, 8, 128, 4000, torch.bfloat16, max_len=4000, device="cuda")
+    args = (p.q, p.k_cache, p.v_cache, p.cache_len, p.k_local, p.v_local)
+    p.cache_len.fill_(1000)
+    cascade_attention(*args, causal=True)  # compile + autotune outside the capture
+    torch.cuda.synchronize()
+    tuned = (dict(_prefix_split.cache), dict(_branch.cache))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        o_graph = cascade_attention(*args, causal=True)
+    for length in (1000, 0, 1, 2047, 4000):
+        p.cache_len.fill_(length)
+        graph.replay()
+        torch.cuda.synchronize()
+        o_ref = cascade_attention_ref(*args, causal=True)
+        o_low = cascade_attention_ref(*args, causal=True, compute_dtype=torch.bfloat16)
+        assert_close_by_dtype(o_graph, o_ref, o_low, torch.bfloat16, f"graph replay at {length}")
+        o_eager = cascade_attention(*args, causal=True)
+        torch.testing.assert_close(o_eager, o_graph, rtol=0, atol=0)
+    assert (dict(_prefix_split.cache), dict(_branch.cache)) == tuned, "a length change re-tuned"
+
+
+@pytest.mark.gpu
+def test_cascade_attention_under_torch_compile():
+    # the registered custom op traces as one opaque node (fullgraph) and matches eager
+    p = make_problem(5, 16, 9, 3, 64, 500, torch.bfloat16, max_len=600, device="cuda")
+    args = (p.q, p.k_cache, p.v_cache, p.cache_len, p.k_local, p.v_local)
+
+    @torch.compile(fullgraph=True)
+    def layer(*tensors):
+        return cascade_attention(*tensors, causal=True) * 2
+
+    torch.testing.assert_close(layer(*args), cascade_attention(*args, causal=True) * 2)
