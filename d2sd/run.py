@@ -354,11 +354,6 @@ def plan(argv: Sequence[str] | None) -> Plan:
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = 256 if device.type == "cuda" else 32
-    backend = cli_checks.resolve_backend(args.backend, device, dtype)
-    try:  # "default" is installed, the path exists, or it is a hub id
-        resolve_target_source(args.target)
-    except D2SDError as exc:
-        raise D2SDError(f"--target: {exc}") from None
     mode, drafts, notes = _drafts(args)
     cli_checks.check_decoding_options(
         block_size=args.block_size,
@@ -370,11 +365,16 @@ def plan(argv: Sequence[str] | None) -> Plan:
         max_new_tokens=max_new_tokens,
         branches=mode in DUAL_MODES,
     )
+    backend = cli_checks.resolve_backend(args.backend, device, dtype)
     if args.json is not None:
         folder = Path(args.json).expanduser().resolve().parent
         if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise D2SDError(f"--json {args.json}: cannot write into {folder}")
     samples = _samples(args)
+    try:  # "default" is installed, the path exists, or it is a hub id
+        resolve_target_source(args.target)
+    except D2SDError as exc:
+        raise D2SDError(f"--target: {exc}") from None
     return Plan(args, mode, device, dtype, backend, drafts, samples, max_new_tokens, notes)
 
 
