@@ -205,21 +205,26 @@ def min_split_keys(device: torch.device) -> int:
 
 
 @functools.cache
-def num_kv_splits(max_len: int, num_kv_heads: int, num_rows: int, device: torch.device) -> int:
+def num_kv_splits(
+    max_len: int, num_kv_heads: int, num_rows: int, head_dim: int, device: torch.device
+) -> int:
     """How many KV splits the prefix pass launches: a host constant per call site (graph-safe).
 
-    The grid is (row tiles, splits, kv heads) with one CTA per SM for the large tiles. The prefix
-    of the current length is spread evenly over the splits inside the kernel, so the time of a pass
-    is ~ waves(splits) / splits; take the smallest split count within 10% of the best (fewer
-    partial states to write and merge), and never more splits than `max_len` has chunks.
+    num_rows = B * T * Hq query rows. The grid is (row tiles, splits, kv heads), about one CTA per
+    SM with the large tiles; the prefix of the current length is spread evenly over the splits
+    inside the kernel, so a pass takes ~ waves(splits) / splits. Take the fewest splits within 5%
+    of a perfectly balanced machine (fewer partial states to write and merge), with at most
+    `max_len / min_split_keys` splits and at most ~16 MB of float32 partial states (L2-resident).
     """
-    programs_per_split = num_kv_heads * math.ceil(num_rows / 128)
+    programs_per_split = num_kv_heads * math.ceil(num_rows / num_kv_heads / 128)
     sms = _num_sms(device)
-    limit = max(1, min(64, math.ceil(max_len / min_split_keys(device))))
+    state_bytes = num_rows * head_dim * 4
+    limit = min(64, math.ceil(max_len / min_split_keys(device)), (16 << 20) // state_bytes)
+    ideal = programs_per_split / sms
     best, best_cost = 1, math.ceil(programs_per_split / sms)
-    for splits in range(2, limit + 1):
+    for splits in range(2, max(1, limit) + 1):
         cost = math.ceil(programs_per_split * splits / sms) / splits
-        if cost < 0.9 * best_cost:
+        if cost < best_cost and best_cost > 1.05 * ideal:
             best, best_cost = splits, cost
     return best
 

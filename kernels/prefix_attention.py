@@ -217,8 +217,10 @@ def check_prefix_inputs(
 
 def prefix_splits(q: torch.Tensor, k_cache: torch.Tensor) -> int:
     """The KV split count of this call site (host constant: depends on shapes only)."""
-    batch, seq, num_q_heads, _ = q.shape
-    return num_kv_splits(k_cache.shape[0], k_cache.shape[1], batch * seq * num_q_heads, q.device)
+    batch, seq, num_q_heads, head_dim = q.shape
+    return num_kv_splits(
+        k_cache.shape[0], k_cache.shape[1], batch * seq * num_q_heads, head_dim, q.device
+    )
 
 
 def launch_prefix_split(

@@ -166,7 +166,6 @@ def test_cascade_attention_matches_flashinfer(head_dim, causal):
 @pytest.mark.gpu
 def test_cascade_attention_cuda_graph_replays_after_cache_len_changes():
     # capture once at one length; replay at others: same graph, no recompilation, right answers
-    from kernels import cascade_attention as module  # noqa: F401  (the lazy export table loads)
     from kernels.branch_attention import _branch
     from kernels.prefix_attention import _prefix_split
 

@@ -51,8 +51,8 @@ def test_prefix_attention_matches_reference(case):
 
 def test_prefix_split_counts_cover_both_paths():
     # the cases above take both the multi-split path and the direct single-split path
-    assert num_kv_splits(60, 1, 30, torch.device("cpu")) > 1
-    assert num_kv_splits(12, 2, 160, torch.device("cpu")) == 1
+    assert num_kv_splits(60, 1, 30, 64, torch.device("cpu")) > 1
+    assert num_kv_splits(12, 2, 160, 64, torch.device("cpu")) == 1
 
 
 def test_prefix_attention_strided_q_and_sm_scale():

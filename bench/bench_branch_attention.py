@@ -1,0 +1,91 @@
+"""branch_attention microbenchmark: each branch's T queries against its T local keys (causal),
+merged into an incoming bf16 prefix state, bf16.
+
+`us` (p20/p80) is ours in a CUDA graph, `eager_us` launched from Python. Bytes = q + local K/V +
+prefix o + prefix lse + o + lse; FLOPs = 4 * B*T * Hq * D * T; `roof%` = H200 roofline / `us`.
+Baseline `fi`: per branch FlashInfer's single_prefill_with_kv_cache (causal, with LSE) +
+merge_state_in_place of the prefix state (step 2 of the reference sequence), eager (`x_fi` vs our
+eager) and graphed (`x_fi_graph`). `err_fi` = max |ours - FlashInfer| (smoke check).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from bench._flashinfer_ref import branch_sequence, flashinfer_module
+from bench._harness import print_table, roofline_us, time_us
+from bench.bench_cascade_attention import (
+    BATCHES,
+    HEADS,
+    REP_MS,
+    _ratio,
+    attention_flops,
+    baseline,
+    make_inputs,
+)
+from kernels.branch_attention import branch_attention
+
+SEQS = (16, 32, 64)
+COLUMNS = (
+    "model", "B", "T", "us", "p20_us", "p80_us", "eager_us", "GB/s", "roof%",
+    "fi_us", "x_fi", "fi_graph_us", "x_fi_graph", "err_fi",
+)  # fmt: skip
+
+
+def shapes(quick: bool) -> list[tuple[str, int, int]]:
+    if quick:
+        return [("qwen3-8b", 5, 16), ("smollm2", 5, 16)]
+    return list(itertools.product(HEADS, BATCHES, SEQS))
+
+
+def _measure(model: str, batch: int, seq: int, fi: object | None) -> dict:
+    x = make_inputs(model, batch, seq, 0)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    prefix_o = torch.randn(x.q.shape, device="cuda", generator=gen).to(x.q.dtype)
+    prefix_lse = torch.randn(x.q.shape[:3], device="cuda", generator=gen) * 3 + 4
+
+    def ours():
+        return branch_attention(
+            x.q, x.k_local, x.v_local, causal=True, prefix_o=prefix_o, prefix_lse=prefix_lse,
+            return_lse=True,
+        )  # fmt: skip
+
+    def reference():
+        return branch_sequence(x.q, x.k_local, x.v_local, prefix_o, prefix_lse, causal=True)
+
+    out, _ = ours()
+    graph = time_us(ours, cuda_graph=True, rep_ms=REP_MS)
+    eager = time_us(ours, rep_ms=REP_MS)
+    elt = x.q.element_size()
+    traffic = elt * (3 * x.q.numel() + 2 * x.k_local.numel()) + 4 * 2 * prefix_lse.numel()
+    roof = roofline_us(traffic, attention_flops(x, seq))
+    fi_eager = fi_graph = err = None
+    if fi is not None:
+        err = baseline(lambda: (out.float() - reference()[0].float()).abs().max().item())
+        fi_eager = baseline(lambda: time_us(reference, rep_ms=REP_MS))
+        fi_graph = baseline(lambda: time_us(reference, cuda_graph=True, rep_ms=REP_MS))
+    return {
+        "model": model, "B": batch, "T": seq,
+        "us": graph["us"], "p20_us": graph["p20_us"], "p80_us": graph["p80_us"],
+        "eager_us": eager["us"], "GB/s": traffic / graph["us"] * 1e-3,
+        "roof%": 100 * roof / graph["us"], "roofline_us": roof,
+        "fi_us": fi_eager and fi_eager["us"], "x_fi": _ratio(fi_eager, eager),
+        "fi_graph_us": fi_graph and fi_graph["us"], "x_fi_graph": _ratio(fi_graph, graph),
+        "err_fi": err,
+    }  # fmt: skip
+
+
+def run(quick: bool) -> list[dict]:
+    fi = flashinfer_module()
+    rows = []
+    for model, batch, seq in shapes(quick):
+        rows.append(_measure(model, batch, seq, fi))
+        torch.cuda.empty_cache()
+    print_table(
+        "branch_attention: bf16, causal, bf16 prefix state; us = CUDA graph; x_* = baseline / ours",
+        rows,
+        COLUMNS,
+    )
+    return rows
