@@ -248,23 +248,37 @@ def test_prompt_longer_than_the_context(tiny, capsys: pytest.CaptureFixture) -> 
     _assert_one_line_error(err, "--max-new-tokens 400", "exceed the context")
 
 
-def test_tiny_greedy_d2sd_equals_ar(tiny, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    ("extra", "mode"),
+    [
+        ([], "d2sd"),  # the default mode: both (random) drafters, branches layout
+        (["--verify-layout", "tree", "--block-size-2", "6"], "d2sd"),
+        (["--mode", "dflash"], "dflash"),
+        (["--mode", "dflash-dflash"], "dflash-dflash"),
+        (["--mode", "dflash+samples"], "dflash+samples"),
+    ],
+)
+def test_tiny_greedy_run_equals_ar(
+    tiny, tmp_path: Path, capsys: pytest.CaptureFixture, extra: list[str], mode: str
+) -> None:
     out_json = tmp_path / "r.json"
     argv = ["--block-size", "4", "--topk", "2", "--max-new-tokens", "6", "--json", str(out_json)]
-    code, out, err = _main(argv, capsys)
+    code, out, err = _main([*argv, *extra], capsys)
     assert code == 0, err
     assert "drafters are untrained" in err
     assert out.count("=== [") == 3  # the three bundled prompts
-    assert "greedy check: d2sd output equals ar output on 3/3 generations" in out
+    # fp32 on the CPU: the speculative modes are lossless
+    assert f"greedy check: {mode} output equals ar output on 3/3 generations" in out
     result = json.loads(out_json.read_text())
-    assert result["settings"]["mode"] == "d2sd"
+    assert result["settings"]["mode"] == mode
     summary = result["summary"]
     assert (
-        summary["d2sd"]["tokens"]
+        summary[mode]["tokens"]
         == summary["ar"]["tokens"]
-        == sum(len(t["d2sd"]["tokens"]) for s in result["samples"] for t in s["turns"])
+        == sum(len(t[mode]["tokens"]) for s in result["samples"] for t in s["turns"])
     )
-    assert 1 <= summary["d2sd"]["tau"] <= 4
+    most = 4 if mode == "dflash" else int(result["settings"]["block_size_2"])
+    assert 1 <= summary[mode]["tau"] <= most
 
 
 @pytest.mark.gpu
