@@ -20,10 +20,13 @@ Two launches, no host sync:
 Rounding contract (so that the kernel and `topk_confidence_ref` pick the same branches):
 - c_k = 1 / s_k is a correctly rounded fp32 division (`div_rn`); s_k differs from the reference's
   fp32 sum only by summation order and exp rounding (a few ulp).
-- r is built from c with the same fp32 operations in the same order in both: a running product
-  P <- P * c_k (k ascending, P = 1 first) and r(i) = P_i * (1 - c_{i+1}). So given the same c
-  the kernel's r is bit-identical to the reference's, and `select_branches_ref(confidence)` on the
-  kernel's own confidences reproduces its `branch_len` exactly.
+- r is built from c with the same fp32 operations in the same order in both: P_i = c_1 ... c_i as
+  a fixed pairwise tree ((c_1 c_2)(c_3 c_4))..., padded with exact 1s, each step one product of
+  two numbers (so no reduction order is left to the compiler), then r(i) = P_i * (1 - c_{i+1}).
+  Given the same c the kernel's r is bit-identical to the reference's, and
+  `select_branches_ref(confidence)` on the kernel's own confidences reproduces its `branch_len`.
+  Stage 2 is compiled without fma contraction so that every lane holding a copy of a row's
+  confidence holds the same bits.
 - With exactly representable confidences (c = 1/n from n tied maxima, every other logit far enough
   below that exp underflows to 0) the kernel and the reference agree bit for bit, ties included.
 
@@ -41,7 +44,11 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
+# stage 2 is one program; 1, 2 and 4 warps measured within 0.5 us of each other on the H200
+_SELECT_WARPS = 4
+# (smallest vocabulary, BLOCK_V) for the default launch, largest first
+_BLOCK_V_BY_VOCAB = ((131072, 8192), (32768, 4096), (8192, 2048), (0, 1024))
 # Stage 2 merges at most this many chunk partials per row; larger vocabularies loop inside stage 1.
 MAX_CHUNKS = 64
 
@@ -94,6 +101,21 @@ def _partials_kernel(
 
 
 @triton.jit
+def _multiply(a, b):
+    return a * b
+
+
+@triton.jit
+def _tree_product(x, BLOCK: tl.constexpr, LOG2_BLOCK: tl.constexpr):
+    """Row products of x [BLOCK, BLOCK] as a fixed pairwise tree: (x0 x1)(x2 x3).., then pairs of
+    those. Every step multiplies exactly two numbers, so the rounding cannot depend on how the
+    compiler orders a reduction, and `_tree_product_ref` reproduces it bit for bit."""
+    for level in tl.static_range(LOG2_BLOCK):
+        x = tl.reduce(tl.reshape(x, [BLOCK, BLOCK >> (level + 1), 2]), 2, _multiply)
+    return tl.reshape(x, [BLOCK])
+
+
+@triton.jit
 def _select_kernel(
     # pointers
     part_max_ptr,
@@ -113,6 +135,7 @@ def _select_kernel(
     mask_token_id,
     # meta
     BLOCK_G: tl.constexpr,
+    LOG2_BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_T2: tl.constexpr,
@@ -136,12 +159,10 @@ def _select_kernel(
     tl.store(draft_tokens_ptr + rows, token.to(tl.int64), mask=row_ok)
     tl.store(confidence_ptr + rows, conf, mask=row_ok)
 
-    # r(i) = P_i * (1 - c_{i+1}), P_i = c_1 * ... * c_i, multiplied in ascending k like the reference
+    # r(i) = P_i * (1 - c_{i+1}), P_i = c_1 * ... * c_i as a pairwise tree over k (see _tree_product)
     conf = tl.where(row_ok, conf, 0.0)
-    prefix = tl.full([BLOCK_G], 1.0, tl.float32)
-    for k in range(num_rows - 1):
-        c_k = tl.sum(tl.where(rows == k, conf, 0.0), axis=0)  # exact: one term plus zeros
-        prefix = tl.where(rows > k, prefix * c_k, prefix)
+    factors = tl.where(rows[None, :] < rows[:, None], conf[None, :], 1.0)
+    prefix = _tree_product(factors, BLOCK_G, LOG2_BLOCK_G)
     r = prefix * (1.0 - conf)
     tl.store(r_ptr + rows, r, mask=row_ok)
 
@@ -174,8 +195,9 @@ def _select_kernel(
 def _launch_config(vocab_size: int, block_v: int, tiles_per_program: int) -> tuple[int, int, int]:
     """(BLOCK_V, tiles per program, chunks per row); 0 picks the default for this vocabulary."""
     if block_v <= 0:
-        # one wave of small programs: latency, not bandwidth, bounds a 1-5 MB read
-        block_v = 4096 if vocab_size >= 65536 else 2048 if vocab_size >= 8192 else 1024
+        # a 1-5 MB read is latency-bound: one wave of programs, and few chunks for stage 2 to
+        # merge (measured on the H200: 8192 at V = 151936, 4096 at V = 49152)
+        block_v = next(b for v, b in _BLOCK_V_BY_VOCAB if vocab_size >= v)
     if tiles_per_program <= 0:
         tiles_per_program = triton.cdiv(triton.cdiv(vocab_size, block_v), MAX_CHUNKS)
     return block_v, tiles_per_program, triton.cdiv(vocab_size, block_v * tiles_per_program)
@@ -216,8 +238,9 @@ def _topk_confidence_op(
         tiles,
         logits.stride(0),
         BLOCK_V=block_v,
-        num_warps=4 if block_v <= 2048 else 8,
+        num_warps=4 if block_v <= 2048 else 8 if block_v <= 8192 else 16,
     )
+    block_g = max(16, triton.next_power_of_2(num_rows))
     _select_kernel[(1,)](
         part_max,
         part_arg,
@@ -233,11 +256,15 @@ def _topk_confidence_op(
         num_branches,
         gamma2,
         mask_token_id,
-        BLOCK_G=max(16, triton.next_power_of_2(num_rows)),
+        BLOCK_G=block_g,
+        LOG2_BLOCK_G=block_g.bit_length() - 1,
         BLOCK_C=max(16, triton.next_power_of_2(chunks)),
         BLOCK_K=max(8, triton.next_power_of_2(num_branches)),
         BLOCK_T2=max(16, triton.next_power_of_2(gamma2)),
-        num_warps=4,
+        num_warps=_SELECT_WARPS,
+        # no fma contraction: a product fused into a cross-lane sum would make the lanes that hold
+        # copies of one row's sum disagree in the last bit (seen on the H200)
+        enable_fp_fusion=False,
     )
     return draft_tokens, confidence, r, branch_len, vp_input_ids
 
@@ -292,15 +319,22 @@ def topk_confidence(
     )
 
 
+def _tree_product_ref(x: torch.Tensor) -> torch.Tensor:
+    """Row products of x [G, G] in `_tree_product`'s pairwise order (padding with 1 is exact)."""
+    width = triton.next_power_of_2(x.shape[1])
+    x = torch.nn.functional.pad(x, (0, width - x.shape[1]), value=1.0)
+    while x.shape[1] > 1:
+        x = x[:, 0::2] * x[:, 1::2]
+    return x[:, 0]
+
+
 def select_branches_ref(confidence: torch.Tensor, num_branches: int) -> tuple[torch.Tensor, ...]:
     """(r f32 [G], branch_len int32 [K]) from confidences f32 [G], in the kernel's fp32 order."""
     conf = confidence.float()
     num_rows = conf.shape[0]
-    r = torch.empty_like(conf)
-    prefix = torch.ones((), dtype=torch.float32, device=conf.device)
-    for i in range(num_rows):  # sequential on purpose: the kernel multiplies in this order
-        r[i] = prefix * (1.0 - conf[i])
-        prefix = prefix * conf[i]
+    ids = torch.arange(num_rows, device=conf.device)
+    factors = torch.where(ids[None, :] < ids[:, None], conf[None, :], 1.0)
+    r = _tree_product_ref(factors) * (1.0 - conf)
     order = torch.sort(r, descending=True, stable=True).indices  # stable: ties to the smaller i
     slots = torch.arange(num_branches, device=conf.device) % num_rows
     return r, order[slots].to(torch.int32)

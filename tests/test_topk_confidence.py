@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from kernels.topk_confidence import select_branches_ref, topk_confidence, topk_confidence_ref
-from tests.conftest import interpreting
 
 MASK_TOKEN = 151669
 ANCHOR = 4242
@@ -83,18 +82,21 @@ def run_and_check(
 # ---------------------------------------------------------------- CPU interpreter (and GPU too)
 
 
-@pytest.mark.parametrize("launch", CPU_LAUNCHES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+F32, F16 = torch.float32, torch.float16
+MULTI_TILE = CPU_LAUNCHES[1]
+
+
 @pytest.mark.parametrize(
-    "num_rows, vocab, num_branches, gamma2",
+    "num_rows, vocab, num_branches, gamma2, dtype, launch",
     [
-        (15, 1000, 4, 16),  # γ = 16, K = 4, γ2 = γ: the default shape, odd vocabulary
-        (15, 4099, 4, 32),  # γ2 = 2γ, vocabulary not a multiple of any block
-        (15, 1000, 8, 32),  # the largest K
-        (15, 1000, 1, 16),  # K = 1
-        (7, 777, 8, 8),  # K > G: the ranking repeats cyclically
-        (1, 300, 4, 2),  # γ = 2: one draft position, every branch point is 0
-        (31, 515, 4, 32),  # γ = 32
+        (15, 1000, 4, 16, F32, (0, 0)),  # γ = 16, K = 4, γ2 = γ: the default shape, odd vocabulary
+        (15, 1000, 4, 16, F16, MULTI_TILE),  # the same through several tiles and chunks
+        (15, 4099, 4, 32, F16, (0, 0)),  # γ2 = 2γ, vocabulary not a multiple of any block
+        (15, 1000, 8, 32, F32, MULTI_TILE),  # the largest K
+        (15, 1000, 1, 16, F16, (0, 0)),  # K = 1
+        (7, 777, 8, 8, F32, MULTI_TILE),  # K > G: the ranking repeats cyclically
+        (1, 300, 4, 2, F16, (0, 0)),  # γ = 2: one draft position, every branch point is 0
+        (31, 515, 4, 32, F32, MULTI_TILE),  # γ = 32
     ],
 )
 def test_random_logits(num_rows, vocab, num_branches, gamma2, dtype, launch):
@@ -189,9 +191,11 @@ def test_torch_compile_traces_the_op():
         assert torch.equal(got, want)
 
 
-def test_interpreter_flag_matches_the_environment():
-    # the CPU tests above only run kernels through the interpreter
-    assert interpreting() or torch.cuda.is_available()
+def test_strided_rows():
+    # the first draft's logits are a view of the drafter's [B, γ, V] output (row stride > V)
+    full = peaked_logits(2 * 16, 700, torch.float32, "cpu").view(2, 16, 700)
+    run_and_check(full[0, 1:], 4, 16)
+    run_and_check(full[:, 3, :300], 1, 3)
 
 
 # ---------------------------------------------------------------- GPU: real shapes, bf16, graphs
@@ -220,7 +224,9 @@ def test_gpu_adversarial(num_branches):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("launch", [(1024, 1), (2048, 1), (4096, 1), (8192, 1), (1024, 3)])
+@pytest.mark.parametrize(
+    "launch", [(1024, 0), (2048, 0), (4096, 1), (8192, 1), (16384, 1), (1024, 3), (2048, 2)]
+)
 def test_gpu_launch_configs(launch):
     run_and_check(peaked_logits(15, 151936, torch.bfloat16, "cuda"), 4, 16, launch)
 
