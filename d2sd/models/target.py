@@ -67,20 +67,24 @@ class TargetModel(nn.Module):
         cls,
         model_or_path: nn.Module | str,
         *,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         backend: AttentionBackend | str = "auto",
         tap_layer_ids: Sequence[int] = (),
     ) -> TargetModel:
         """Wrap an HF model object, or load one: "default", an HF dir, a hub id or a .gguf file.
 
-        Loading errors (missing path, unreadable checkpoint, unsupported family) raise D2SDError.
+        A loaded model defaults to float32 on the CPU; a model object keeps its dtype and device
+        unless they are given. Loading errors (missing path, unreadable checkpoint, unsupported
+        family) raise D2SDError.
         """
         from d2sd.models.loading import load_hf_target
 
         tokenizer = None
         if isinstance(model_or_path, str):
-            model_or_path, tokenizer = load_hf_target(model_or_path, dtype=dtype, device=device)
+            model_or_path, tokenizer = load_hf_target(
+                model_or_path, dtype=dtype or torch.float32, device=device or "cpu"
+            )
         else:
             model_or_path = model_or_path.to(device=device, dtype=dtype)
         model_or_path.eval()
