@@ -1,0 +1,770 @@
+"""Target sampling and speculative acceptance, fused over the vocabulary, with no host sync.
+
+```
+sample_tokens(logits [R, V], uniforms [R] f32 | None, *, temperature=0.0, top_k=0, top_p=1.0)
+    -> tokens [R] int64
+accept(cand_tokens [B, T] int64, logits [R, V], *, row_of=None [B, T] int32, temperature=0.0,
+       top_k=0, top_p=1.0, uniforms=None [T] f32)
+    -> Accept(num_accepted int32 [1], bonus int64 [1], branch int32 [1], path_rows int32 [T],
+              out_tokens int64 [T], target_tokens int64 [B, T])
+```
+`logits` may be float32, float16 or bfloat16 with any row stride (last stride 1); the math runs in
+float32 (the conversion is exact).
+
+The sampler (ONE definition, used by AR decoding and by verification alike)
+--------------------------------------------------------------------------
+Per row, x = logits[r]:
+* `temperature == 0`: argmax x, ties to the smaller token id (top_k, top_p, uniforms ignored).
+* `temperature > 0`:
+  1. top-k (`0 < top_k < V`; 0 or >= V keeps all): keep every token with x_i >= v_k, v_k the k-th
+     largest logit. Ties at the cut are ALL kept (more than k tokens may survive). Decided on the
+     raw logits, which order the tokens exactly like x / temperature, without its rounding.
+  2. weights w_i = exp((x_i - m) / temperature) on the kept set, m = max x (always kept).
+  3. top-p (`top_p < 1`): order the kept tokens by logit, descending; keep the smallest prefix
+     whose mass is >= top_p * sum(w), plus every token whose logit equals that prefix's last one
+     (ties at the cut are all kept). Equivalently keep x_i >= x*, x* the largest logit value v
+     with sum_{kept, x_i >= v} w_i >= top_p * sum_kept(w).
+  4. inverse CDF in token-id order: the token is the first kept i whose cumulative weight
+     sum_{kept j <= i} w_j exceeds u * W (W = the kept mass, u in [0, 1)). If rounding leaves
+     none (u * W rounded up to W), the last token with w_i > 0.
+  Logits of -inf are allowed (weight 0); NaN logits and rows that are all -inf are not.
+
+How the kernels find it (no sort, no materialised vocabulary; every pass is over chunks of V):
+* Order keys: the float32 bit pattern mapped to an int32 that orders like the value (-0 -> +0),
+  shifted right by the bits the input dtype never sets (bf16 16, fp16 13, fp32 0). The top-k and
+  top-p cuts are both "key >= threshold", found exactly by bisection on the key: top-k counts
+  tokens, top-p sums weights (one pass over V per step, ~16 steps for bf16). This is the slow
+  path (`_thresholds_kernel`, one program per row) and runs only when top_k / top_p are set.
+* `_partials_kernel`, grid (rows, chunks of CHUNK = BLOCK * CHUNK_BLOCKS tokens): greedy writes
+  each chunk's max and first argmax; sampling writes each chunk's max m_c of the kept logits and
+  sum_c exp2((x - m_c) * log2(e) / temperature) over the kept tokens.
+* `_select_kernel`, grid (rows,): greedy reduces the chunk partials (ties to the first chunk);
+  sampling rescales the chunk masses to the row max, locates u * W in their inclusive prefix sum,
+  and scans only that chunk (block cumsums) for the token.
+  BLOCK and CHUNK depend on V only, never on the number of rows, so a row gets bit-identical
+  float sums (hence the same token for the same u) whether it is sampled alone (AR) or among the
+  B * T verification rows: sampled speculative decoding is lossless by construction.
+
+Acceptance (see ARCHITECTURE.md)
+-------------------------------
+Pair (b, t) reads logits row `row_of[b, t]` (default b * T + t) and, when sampling, the uniform
+`uniforms[t]` (one per depth: branches alive at one depth share the node and its draw); its target
+token is target_tokens[b, t]. Walking t = 0, 1, ...: s_t = target_tokens[f(t), t] with f(t) the
+FIRST branch still alive; branches with cand_tokens[b, t + 1] != s_t die; when none survives, or
+t = T - 1, s_t is the bonus. `cand_tokens[:, 0]` (the anchor) is never compared.
+Outputs: num_accepted = a (drafts accepted), branch = f(a) (the chosen branch),
+out_tokens[:a + 1] = s_0 .. s_a (= t_1 .. t_a, bonus) and -1 after, bonus = s_a,
+path_rows[t] = row_of[branch, t] for every t < T (rows past a continue along the chosen branch, so
+`commit` can copy a fixed T rows), target_tokens = every pair's target (debugging, tests).
+`_accept_scan_kernel` (one program) does the walk without a loop over depths: alive branches at
+depth t are exactly those agreeing with f(t) on drafts 1..t, so it tabulates, for every possible
+(f, t), the next first-alive branch, then jumps from one first-alive branch to the next (at most
+B jumps, all in registers).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# ----------------------------------------------------------------------------------------------
+# The sampling math, written once (jit helpers shared by every kernel below)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _order_key(x, KEY_SHIFT: tl.constexpr):
+    """int32 key that orders like the float32 value x (-0 and +0 equal); low zero bits dropped."""
+    x = tl.where(x == 0.0, 0.0, x)
+    bits = x.to(tl.int32, bitcast=True)
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)) >> KEY_SHIFT
+
+
+@triton.jit
+def _kept_logits(
+    row_ptr, idx, vocab, threshold, HAS_THRESHOLD: tl.constexpr, KEY_SHIFT: tl.constexpr
+):
+    """Logits of one block in float32, -inf outside the vocabulary and at tokens cut by top-k/p."""
+    x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+    kept = idx < vocab
+    if HAS_THRESHOLD:
+        kept = kept & (_order_key(x, KEY_SHIFT) >= threshold)
+    return tl.where(kept, x, float("-inf")), kept
+
+
+@triton.jit
+def _weight(x, kept, x_max, scale):
+    """exp((x - x_max) / temperature) on kept tokens, 0 elsewhere (scale = log2(e) / temperature)."""
+    return tl.where(kept, tl.exp2((x - x_max) * scale), 0.0)
+
+
+@triton.jit
+def _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS: tl.constexpr):
+    if HAS_ROWS:
+        row = tl.load(rows_ptr + pair).to(tl.int64)
+    else:
+        row = pair.to(tl.int64)
+    return logits_ptr + row * stride_row
+
+
+@triton.jit
+def _count_at_least(row_ptr, vocab, key_min, KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    """Number of tokens with key >= key_min."""
+    offs = tl.arange(0, BLOCK)
+    count = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        idx = start + offs
+        x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        count += ((_order_key(x, KEY_SHIFT) >= key_min) & (idx < vocab)).to(tl.int32)
+    return tl.sum(count, axis=0)
+
+
+@triton.jit
+def _mass_at_least(
+    row_ptr, vocab, key_min, x_max, scale, KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr
+):
+    """sum of exp((x - x_max) / temperature) over the tokens with key >= key_min."""
+    offs = tl.arange(0, BLOCK)
+    mass = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        x, kept = _kept_logits(row_ptr, start + offs, vocab, key_min, True, KEY_SHIFT)
+        mass += _weight(x, kept, x_max, scale)
+    return tl.sum(mass, axis=0)
+
+
+@triton.jit
+def _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, AXIS: tl.constexpr, NONE):
+    """Reduce per-chunk (max, first argmax) along AXIS: largest value, ties to the first chunk."""
+    best = tl.max(chunk_max, axis=AXIS)
+    is_best = valid & (chunk_max == tl.expand_dims(best, AXIS))
+    winner = tl.min(tl.where(is_best, chunk_ids, NONE), axis=AXIS)
+    return tl.sum(tl.where(chunk_ids == tl.expand_dims(winner, AXIS), chunk_argmax, 0), axis=AXIS)
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _thresholds_kernel(
+    # pointers
+    logits_ptr,  # [*, V]
+    rows_ptr,  # [P] int32/int64, pair -> logits row (HAS_ROWS)
+    threshold_ptr,  # [P] int32 out: keep tokens with key >= threshold
+    # sizes and scalars
+    vocab,
+    top_k,  # 0: no top-k cut
+    top_p,  # 1.0: no top-p cut
+    scale,  # log2(e) / temperature
+    # strides
+    stride_row,
+    # meta
+    HAS_ROWS: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
+    offs = tl.arange(0, BLOCK)
+    max_acc = tl.full([BLOCK], float("-inf"), tl.float32)
+    key_lo_acc = tl.full([BLOCK], 2147483647, tl.int32)
+    key_hi_acc = tl.full([BLOCK], -2147483648, tl.int32)
+    for start in range(0, vocab, BLOCK):
+        idx = start + offs
+        x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        key = _order_key(x, KEY_SHIFT)
+        max_acc = tl.maximum(max_acc, x)
+        key_lo_acc = tl.minimum(key_lo_acc, tl.where(idx < vocab, key, 2147483647))
+        key_hi_acc = tl.maximum(key_hi_acc, tl.where(idx < vocab, key, -2147483648))
+    x_max = tl.max(max_acc, axis=0)
+    # Invariant of both bisections: the cut holds at key `lo` and fails at key `hi`; int64 bounds
+    # because hi - lo can exceed the int32 range (keys span it), midpoints always fit in int32.
+    lo = tl.min(key_lo_acc, axis=0).to(tl.int64)
+    key_end = tl.max(key_hi_acc, axis=0).to(tl.int64) + 1
+    if top_k > 0:
+        hi = key_end
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            if _count_at_least(row_ptr, vocab, mid.to(tl.int32), KEY_SHIFT, BLOCK) >= top_k:
+                lo = mid
+            else:
+                hi = mid
+    if top_p < 1.0:
+        target = top_p * _mass_at_least(
+            row_ptr, vocab, lo.to(tl.int32), x_max, scale, KEY_SHIFT, BLOCK
+        )
+        hi = key_end
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            mass = _mass_at_least(row_ptr, vocab, mid.to(tl.int32), x_max, scale, KEY_SHIFT, BLOCK)
+            if mass >= target:
+                lo = mid
+            else:
+                hi = mid
+    tl.store(threshold_ptr + pair, lo.to(tl.int32))
+
+
+@triton.jit
+def _partials_kernel(
+    # pointers
+    logits_ptr,  # [*, V]
+    rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
+    threshold_ptr,  # [P] int32 (HAS_THRESHOLD)
+    chunk_max_ptr,  # [P, S] f32 out: max kept logit of the chunk
+    chunk_argmax_ptr,  # [P, S] int32 out (GREEDY): its first token id
+    chunk_mass_ptr,  # [P, S] f32 out (not GREEDY): sum exp2((x - chunk max) * scale) over kept
+    # sizes and scalars
+    vocab,
+    num_chunks,
+    scale,
+    # strides
+    stride_row,
+    # meta
+    HAS_ROWS: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr,
+    GREEDY: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    chunk = tl.program_id(1)
+    row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
+    threshold = 0
+    if HAS_THRESHOLD:
+        threshold = tl.load(threshold_ptr + pair)
+    offs = tl.arange(0, BLOCK)
+    first = chunk * (BLOCK * CHUNK_BLOCKS)
+    run_max = float("-inf")
+    run_argmax = first
+    run_mass = 0.0
+    for i in tl.static_range(CHUNK_BLOCKS):
+        idx = first + i * BLOCK + offs
+        x, kept = _kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD, KEY_SHIFT)
+        block_max = tl.max(x, axis=0)
+        if GREEDY:
+            block_argmax = first + i * BLOCK + tl.argmax(x, axis=0, tie_break_left=True)
+            # strict: an earlier block keeps a tie
+            run_argmax = tl.where(block_max > run_max, block_argmax, run_argmax)
+            run_max = tl.maximum(run_max, block_max)
+        else:
+            new_max = tl.maximum(run_max, block_max)
+            # 0 while nothing is kept, so a chunk with nothing kept stays (-inf, 0) without -inf + inf
+            ref_max = tl.where(new_max > float("-inf"), new_max, 0.0)
+            run_mass = run_mass * tl.exp2((run_max - ref_max) * scale)
+            run_mass += tl.sum(_weight(x, kept, ref_max, scale), axis=0)
+            run_max = new_max
+    out = pair * num_chunks + chunk
+    tl.store(chunk_max_ptr + out, run_max)
+    if GREEDY:
+        tl.store(chunk_argmax_ptr + out, run_argmax)
+    else:
+        tl.store(chunk_mass_ptr + out, run_mass)
+
+
+@triton.jit
+def _select_kernel(
+    # pointers
+    logits_ptr,  # [*, V]
+    rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
+    threshold_ptr,  # [P] int32 (HAS_THRESHOLD)
+    chunk_max_ptr,  # [P, S] f32
+    chunk_argmax_ptr,  # [P, S] int32 (GREEDY)
+    chunk_mass_ptr,  # [P, S] f32 (not GREEDY)
+    uniforms_ptr,  # [uniform_period] f32: pair p draws uniforms[p % uniform_period]
+    tokens_ptr,  # [P] int64 out
+    # sizes and scalars
+    vocab,
+    num_chunks,
+    uniform_period,
+    scale,
+    # strides
+    stride_row,
+    # meta
+    HAS_ROWS: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr,
+    GREEDY: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    chunk_ids = tl.arange(0, BLOCK_S)
+    valid = chunk_ids < num_chunks
+    partial = pair * num_chunks + chunk_ids
+    chunk_max = tl.load(chunk_max_ptr + partial, mask=valid, other=float("-inf"))
+    if GREEDY:
+        chunk_argmax = tl.load(chunk_argmax_ptr + partial, mask=valid, other=0)
+        token = _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, 0, BLOCK_S)
+    else:
+        x_max = tl.max(chunk_max, axis=0)
+        chunk_mass = tl.load(chunk_mass_ptr + partial, mask=valid, other=0.0)
+        mass = tl.where(
+            chunk_max > float("-inf"), chunk_mass * tl.exp2((chunk_max - x_max) * scale), 0.0
+        )
+        mass_through = tl.cumsum(mass, axis=0)
+        target = tl.load(uniforms_ptr + pair % uniform_period) * tl.max(mass_through, axis=0)
+        # the chunk whose inclusive prefix first exceeds the target; if rounding put the target
+        # at the total, the last chunk with mass
+        chunk = tl.min(tl.where(valid & (mass_through > target), chunk_ids, BLOCK_S), axis=0)
+        last_with_mass = tl.max(tl.where(valid & (mass > 0.0), chunk_ids, -1), axis=0)
+        chunk = tl.where(chunk == BLOCK_S, last_with_mass, chunk)
+        local_target = target - tl.sum(tl.where(chunk_ids == chunk - 1, mass_through, 0.0), axis=0)
+
+        row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
+        threshold = 0
+        if HAS_THRESHOLD:
+            threshold = tl.load(threshold_ptr + pair)
+        offs = tl.arange(0, BLOCK)
+        first = chunk * (BLOCK * CHUNK_BLOCKS)
+        run = 0.0
+        found = 2147483647
+        last_positive = -1
+        for i in tl.static_range(CHUNK_BLOCKS):
+            idx = first + i * BLOCK + offs
+            x, kept = _kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD, KEY_SHIFT)
+            w = _weight(x, kept, x_max, scale)
+            through = run + tl.cumsum(w, axis=0)
+            found = tl.minimum(
+                found, tl.min(tl.where(through > local_target, idx, 2147483647), axis=0)
+            )
+            last_positive = tl.maximum(last_positive, tl.max(tl.where(w > 0.0, idx, -1), axis=0))
+            run = tl.max(through, axis=0)
+        token = tl.where(found < 2147483647, found, last_positive)
+    tl.store(tokens_ptr + pair, token.to(tl.int64))
+
+
+@triton.jit
+def _accept_scan_kernel(
+    # pointers
+    cand_ptr,  # [B, T] int64, contiguous
+    rows_ptr,  # [B, T] int32/int64, contiguous (HAS_ROWS)
+    tokens_ptr,  # [B * T] int64 target tokens (not GREEDY)
+    chunk_max_ptr,  # [B * T, S] f32 (GREEDY)
+    chunk_argmax_ptr,  # [B * T, S] int32 (GREEDY)
+    num_accepted_ptr,  # [1] int32 out
+    bonus_ptr,  # [1] int64 out
+    branch_ptr,  # [1] int32 out
+    path_rows_ptr,  # [T] int32 out
+    out_tokens_ptr,  # [T] int64 out
+    target_tokens_ptr,  # [B, T] int64 out
+    # sizes
+    num_branches,
+    depth,
+    num_chunks,
+    # meta
+    HAS_ROWS: tl.constexpr,
+    GREEDY: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+):
+    ob = tl.arange(0, BLOCK_B)
+    ot = tl.arange(0, BLOCK_T)
+    b_ok = ob < num_branches
+    t_ok = ot < depth
+    pair = ob[:, None] * depth + ot[None, :]
+    pair_ok = b_ok[:, None] & t_ok[None, :]
+    cand = tl.load(cand_ptr + pair, mask=pair_ok, other=-1)
+    if GREEDY:
+        os = tl.arange(0, BLOCK_S)
+        part_ok = pair_ok[:, :, None] & (os < num_chunks)[None, None, :]
+        partial = pair[:, :, None] * num_chunks + os[None, None, :]
+        chunk_max = tl.load(chunk_max_ptr + partial, mask=part_ok, other=float("-inf"))
+        chunk_argmax = tl.load(chunk_argmax_ptr + partial, mask=part_ok, other=0)
+        target = _argmax_from_partials(
+            chunk_max, chunk_argmax, os[None, None, :], part_ok, 2, BLOCK_S
+        ).to(tl.int64)
+    else:
+        target = tl.load(tokens_ptr + pair, mask=pair_ok, other=-1)
+    tl.store(target_tokens_ptr + pair, target, mask=pair_ok)
+
+    # first_diff[f, b]: first depth t >= 1 where the drafts of branches f and b differ (else T).
+    # When f is the first alive branch at depth t, b is alive iff first_diff[f, b] > t.
+    differ = (cand[:, None, :] != cand[None, :, :]) & (ot >= 1)[None, None, :] & t_ok[None, None, :]
+    first_diff = tl.min(tl.where(differ, ot[None, None, :], depth), axis=2)
+    # next_draft[t, b] = cand_tokens[b, t + 1]
+    next_ok = b_ok[None, :] & (ot + 1 < depth)[:, None]
+    next_draft = tl.load(cand_ptr + ob[None, :] * depth + ot[:, None] + 1, mask=next_ok, other=-1)
+    # next_first[f, t]: the first branch alive at depth t + 1 if f is the first alive at depth t
+    # (BLOCK_B: none, s_t is the bonus). Survivors of depth t are the alive b >= f whose draft
+    # t + 1 equals f's target at depth t.
+    follows = (
+        (ob[None, None, :] >= ob[:, None, None])
+        & (first_diff[:, None, :] > ot[None, :, None])
+        & (next_draft[None, :, :] == target[:, :, None])
+        & next_ok[None, :, :]
+    )
+    next_first = tl.min(tl.where(follows, ob[None, None, :], BLOCK_B), axis=2)
+
+    # Jump from one first-alive branch to the next: f only grows, so at most B jumps.
+    first = 0
+    from_depth = 0
+    num_accepted = 0
+    branch = 0
+    done = 0
+    first_at = tl.zeros([BLOCK_T], tl.int32)  # f(t)
+    for _ in range(num_branches):
+        next_of_first = tl.sum(tl.where(ob[:, None] == first, next_first, 0), axis=0)
+        stop_depth = tl.min(
+            tl.where(t_ok & (ot >= from_depth) & (next_of_first != first), ot, BLOCK_T), axis=0
+        )
+        successor = tl.sum(tl.where(ot == stop_depth, next_of_first, 0), axis=0)
+        active = done == 0
+        first_at = tl.where(active & (ot >= from_depth) & (ot <= stop_depth), first, first_at)
+        ends = active & (successor == BLOCK_B)
+        moves = active & (successor != BLOCK_B)
+        num_accepted = tl.where(ends, stop_depth, num_accepted)
+        branch = tl.where(ends, first, branch)
+        done = tl.where(ends, 1, done)
+        first = tl.where(moves, successor, first)
+        from_depth = tl.where(moves, stop_depth + 1, from_depth)
+
+    sampled = tl.sum(tl.where(ob[:, None] == first_at[None, :], target, 0), axis=0)  # s_t
+    bonus = tl.sum(tl.where(ot == num_accepted, sampled, 0), axis=0)
+    if HAS_ROWS:
+        path_rows = tl.load(rows_ptr + branch * depth + ot, mask=t_ok, other=0).to(tl.int32)
+    else:
+        path_rows = branch * depth + ot
+    tl.store(out_tokens_ptr + ot, tl.where(ot <= num_accepted, sampled, -1), mask=t_ok)
+    tl.store(path_rows_ptr + ot, path_rows, mask=t_ok)
+    tl.store(num_accepted_ptr, num_accepted)
+    tl.store(bonus_ptr, bonus)
+    tl.store(branch_ptr, branch)
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration: a function of V and the dtype only (never of the row count; see the docstring)
+# ----------------------------------------------------------------------------------------------
+
+_LOG2E = 1.4426950408889634
+_KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
+_BLOCK = 2048  # tokens per block of the partial/select kernels
+_CHUNK_BLOCKS = 4  # blocks per chunk: one partials program reads CHUNK = 8192 tokens of a row
+_THRESHOLD_BLOCK = 4096
+_NUM_WARPS = {"thresholds": 16, "partials": 4, "select": 4, "scan": 4}
+
+
+def _chunking(vocab: int) -> tuple[int, int, int]:
+    """(BLOCK, CHUNK_BLOCKS, num_chunks) for a vocabulary of `vocab` tokens."""
+    block = min(_BLOCK, triton.next_power_of_2(vocab))
+    chunk_blocks = min(_CHUNK_BLOCKS, triton.cdiv(vocab, block))
+    return block, chunk_blocks, triton.cdiv(vocab, block * chunk_blocks)
+
+
+def _sample_pairs(
+    logits: torch.Tensor,
+    rows: torch.Tensor | None,
+    num_pairs: int,
+    uniforms: torch.Tensor | None,
+    uniform_period: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    *,
+    reduce_greedy: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """Launch the sampler on `num_pairs` pairs; pair p reads logits row rows[p] (default p) and
+    uniforms[p % uniform_period]. Returns (tokens [P] int64 | None, chunk_max, chunk_argmax); greedy
+    with reduce_greedy=False leaves the argmax reduction to the caller (tokens None)."""
+    vocab = logits.shape[1]
+    block, chunk_blocks, num_chunks = _chunking(vocab)
+    key_shift = _KEY_SHIFT[logits.dtype]
+    greedy = temperature == 0.0
+    scale = 0.0 if greedy else _LOG2E / temperature
+    top_k = top_k if (not greedy and 0 < top_k < vocab) else 0
+    top_p = top_p if not greedy else 1.0
+    has_threshold = top_k > 0 or top_p < 1.0
+    has_rows = rows is not None
+    device = logits.device
+    chunk_max = torch.empty(num_pairs, num_chunks, dtype=torch.float32, device=device)
+    chunk_val = torch.empty(
+        num_pairs, num_chunks, dtype=torch.int32 if greedy else torch.float32, device=device
+    )
+    rows_arg = rows if has_rows else chunk_max  # unused pointer when HAS_ROWS is off
+    threshold = chunk_max
+    if has_threshold:
+        threshold = torch.empty(num_pairs, dtype=torch.int32, device=device)
+        _thresholds_kernel[(num_pairs,)](
+            logits, rows_arg, threshold,
+            vocab, top_k, top_p, scale,
+            logits.stride(0),
+            HAS_ROWS=has_rows, KEY_SHIFT=key_shift,
+            BLOCK=min(_THRESHOLD_BLOCK, triton.next_power_of_2(vocab)),
+            num_warps=_NUM_WARPS["thresholds"],
+        )  # fmt: skip
+    _partials_kernel[(num_pairs, num_chunks)](
+        logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,
+        vocab, num_chunks, scale,
+        logits.stride(0),
+        HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy, KEY_SHIFT=key_shift,
+        BLOCK=block, CHUNK_BLOCKS=chunk_blocks,
+        num_warps=_NUM_WARPS["partials"],
+    )  # fmt: skip
+    if greedy and not reduce_greedy:
+        return None, chunk_max, chunk_val
+    tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)
+    _select_kernel[(num_pairs,)](
+        logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,
+        uniforms if uniforms is not None else chunk_max, tokens,
+        vocab, num_chunks, uniform_period, scale,
+        logits.stride(0),
+        HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy, KEY_SHIFT=key_shift,
+        BLOCK=block, CHUNK_BLOCKS=chunk_blocks, BLOCK_S=triton.next_power_of_2(num_chunks),
+        num_warps=_NUM_WARPS["select"],
+    )  # fmt: skip
+    return tokens, chunk_max, chunk_val
+
+
+def _check_sampling(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    num_uniforms: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> None:
+    assert logits.dim() == 2 and logits.stride(1) == 1, "logits: [R, V], last stride 1"
+    assert logits.dtype in _KEY_SHIFT, f"logits dtype {logits.dtype} (fp32, fp16 or bf16)"
+    assert temperature >= 0.0 and math.isfinite(temperature), "temperature >= 0"
+    assert top_k >= 0 and 0.0 < top_p <= 1.0, "top_k >= 0 and 0 < top_p <= 1"
+    if temperature > 0.0:
+        assert uniforms is not None, "sampling (temperature > 0) needs uniforms"
+        assert uniforms.shape == (num_uniforms,) and uniforms.dtype == torch.float32, (
+            f"uniforms: [{num_uniforms}] float32"
+        )
+        assert uniforms.device == logits.device
+
+
+# ----------------------------------------------------------------------------------------------
+# Public launchers (registered as torch.library custom ops: torch.compile and CUDA graphs)
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("d2sd::sample_tokens", mutates_args=())
+def _sample_tokens_op(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+) -> torch.Tensor:
+    num_rows = logits.shape[0]
+    tokens, _, _ = _sample_pairs(
+        logits, None, num_rows, uniforms, num_rows, temperature, top_k, top_p, reduce_greedy=True
+    )
+    return tokens
+
+
+@_sample_tokens_op.register_fake
+def _(logits, uniforms, temperature, top_k, top_p):
+    return logits.new_empty(logits.shape[0], dtype=torch.int64)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """Sample one token per row of `logits` [R, V] (fp32/fp16/bf16) -> [R] int64.
+
+    temperature == 0: argmax, ties to the smaller id (uniforms may be None). Otherwise the inverse
+    CDF of the warped distribution (module docstring) at `uniforms` [R] float32 in [0, 1).
+    """
+    _check_sampling(logits, uniforms, logits.shape[0], temperature, top_k, top_p)
+    return _sample_tokens_op(logits, uniforms, float(temperature), int(top_k), float(top_p))
+
+
+class Accept(NamedTuple):
+    """Result of `accept`; every field is a device tensor (no host sync)."""
+
+    num_accepted: torch.Tensor  # int32 [1]: a, drafts accepted
+    bonus: torch.Tensor  # int64 [1]: s_a, the next anchor
+    branch: torch.Tensor  # int32 [1]: the chosen branch
+    path_rows: torch.Tensor  # int32 [T]: logits/local rows of anchor .. t_a, then the branch's rest
+    out_tokens: torch.Tensor  # int64 [T]: t_1 .. t_a, bonus, then -1
+    target_tokens: torch.Tensor  # int64 [B, T]: the target token of every (branch, depth)
+
+
+@torch.library.custom_op("d2sd::accept", mutates_args=())
+def _accept_op(
+    cand_tokens: torch.Tensor,
+    logits: torch.Tensor,
+    row_of: torch.Tensor | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    uniforms: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    num_branches, depth = cand_tokens.shape
+    num_pairs = num_branches * depth
+    greedy = temperature == 0.0
+    tokens, chunk_max, chunk_argmax = _sample_pairs(
+        logits, row_of, num_pairs, uniforms, depth, temperature, top_k, top_p, reduce_greedy=False
+    )
+    device = logits.device
+    num_accepted = torch.empty(1, dtype=torch.int32, device=device)
+    bonus = torch.empty(1, dtype=torch.int64, device=device)
+    branch = torch.empty(1, dtype=torch.int32, device=device)
+    path_rows = torch.empty(depth, dtype=torch.int32, device=device)
+    out_tokens = torch.empty(depth, dtype=torch.int64, device=device)
+    target_tokens = torch.empty(num_branches, depth, dtype=torch.int64, device=device)
+    num_chunks = chunk_max.shape[1]
+    _accept_scan_kernel[(1,)](
+        cand_tokens, row_of if row_of is not None else cand_tokens,
+        chunk_max if greedy else tokens, chunk_max, chunk_argmax,
+        num_accepted, bonus, branch, path_rows, out_tokens, target_tokens,
+        num_branches, depth, num_chunks,
+        HAS_ROWS=row_of is not None, GREEDY=greedy,
+        BLOCK_B=triton.next_power_of_2(num_branches), BLOCK_T=triton.next_power_of_2(depth),
+        BLOCK_S=triton.next_power_of_2(num_chunks),
+        num_warps=_NUM_WARPS["scan"],
+    )  # fmt: skip
+    return num_accepted, bonus, branch, path_rows, out_tokens, target_tokens
+
+
+@_accept_op.register_fake
+def _(cand_tokens, logits, row_of, temperature, top_k, top_p, uniforms):
+    num_branches, depth = cand_tokens.shape
+    return (
+        logits.new_empty(1, dtype=torch.int32),
+        logits.new_empty(1, dtype=torch.int64),
+        logits.new_empty(1, dtype=torch.int32),
+        logits.new_empty(depth, dtype=torch.int32),
+        logits.new_empty(depth, dtype=torch.int64),
+        logits.new_empty(num_branches, depth, dtype=torch.int64),
+    )
+
+
+def accept(
+    cand_tokens: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    row_of: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniforms: torch.Tensor | None = None,
+) -> Accept:
+    """Target tokens of every candidate position and the longest accepted path (module docstring).
+
+    cand_tokens [B, T] int64 (contiguous; column 0 the anchor); logits [R, V] (fp32/fp16/bf16);
+    row_of [B, T] int32/int64 contiguous, the logits row of each (b, t) (default b * T + t);
+    uniforms [T] float32, one per depth, when temperature > 0.
+    """
+    assert cand_tokens.dim() == 2 and cand_tokens.dtype == torch.int64, "cand_tokens: [B, T] int64"
+    assert cand_tokens.is_contiguous() and cand_tokens.device == logits.device
+    num_branches, depth = cand_tokens.shape
+    _check_sampling(logits, uniforms, depth, temperature, top_k, top_p)
+    if row_of is None:
+        assert logits.shape[0] >= num_branches * depth, "logits: [B * T, V] without row_of"
+    else:
+        assert row_of.shape == cand_tokens.shape and row_of.is_contiguous(), "row_of: [B, T]"
+        assert row_of.dtype in (torch.int32, torch.int64) and row_of.device == logits.device
+    outs = _accept_op(
+        cand_tokens, logits, row_of, float(temperature), int(top_k), float(top_p), uniforms
+    )
+    return Accept(*outs)
+
+
+# ----------------------------------------------------------------------------------------------
+# fp32 torch references (same definitions; sort-based; no host sync, so they graph-capture too)
+# ----------------------------------------------------------------------------------------------
+
+
+def sample_tokens_ref(
+    logits: torch.Tensor,
+    uniforms: torch.Tensor | None,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """Reference of `sample_tokens`: [R, V] logits -> [R] int64, float32 math with a sort."""
+    x = logits.float()
+    if temperature == 0.0:
+        return x.argmax(dim=-1)  # first maximal index: ties to the smaller id
+    vocab = x.shape[1]
+    kept = torch.ones_like(x, dtype=torch.bool)
+    if 0 < top_k < vocab:
+        kept = x >= x.topk(top_k, dim=-1).values[:, -1:]
+    x_max = x.max(dim=-1, keepdim=True).values
+    w = torch.where(kept, torch.exp((x - x_max) / temperature), 0.0)
+    if top_p < 1.0:
+        x_sorted, order = torch.where(kept, x, float("-inf")).sort(
+            dim=-1, descending=True, stable=True
+        )
+        mass_through = w.gather(-1, order).cumsum(dim=-1)
+        cut = torch.searchsorted(mass_through, top_p * mass_through[:, -1:], right=False)
+        x_cut = x_sorted.gather(-1, cut.clamp(max=vocab - 1))
+        kept = kept & (x >= x_cut)
+        w = torch.where(kept, w, 0.0)
+    w_through = w.cumsum(dim=-1)
+    token = torch.searchsorted(w_through, uniforms.float()[:, None] * w_through[:, -1:], right=True)
+    ids = torch.arange(vocab, device=x.device)
+    last_positive = torch.where(w > 0, ids, -1).amax(dim=-1, keepdim=True)
+    return torch.where(token < vocab, token, last_positive).squeeze(-1)
+
+
+def accept_ref(
+    cand_tokens: torch.Tensor,
+    logits: torch.Tensor,
+    *,
+    row_of: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    uniforms: torch.Tensor | None = None,
+) -> Accept:
+    """Reference of `accept`: per-pair `sample_tokens_ref`, then the walk depth by depth."""
+    num_branches, depth = cand_tokens.shape
+    device = cand_tokens.device
+    if row_of is None:
+        row_of = torch.arange(num_branches * depth, device=device).view(num_branches, depth)
+    pair_uniforms = uniforms.repeat(num_branches) if temperature > 0.0 else None
+    target = sample_tokens_ref(
+        logits[row_of.reshape(-1).long()],
+        pair_uniforms,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+    ).view(num_branches, depth)
+
+    alive = torch.ones(num_branches, dtype=torch.bool, device=device)
+    done = torch.zeros((), dtype=torch.bool, device=device)
+    num_accepted = torch.zeros((), dtype=torch.int64, device=device)
+    branch = torch.zeros((), dtype=torch.int64, device=device)
+    bonus = torch.zeros((), dtype=torch.int64, device=device)
+    out_tokens = torch.full((depth,), -1, dtype=torch.int64, device=device)
+    for t in range(depth):
+        first = alive.int().argmax().view(1)  # the first alive branch (index ops: no host sync)
+        s_t = target[:, t].index_select(0, first).squeeze(0)
+        active = ~done
+        out_tokens[t] = torch.where(active, s_t, out_tokens[t])
+        if t + 1 < depth:
+            survivors = alive & (cand_tokens[:, t + 1] == s_t)
+        else:
+            survivors = torch.zeros_like(alive)
+        ends = active & ~survivors.any()
+        num_accepted = torch.where(ends, t, num_accepted)
+        branch = torch.where(ends, first.squeeze(0), branch)
+        bonus = torch.where(ends, s_t, bonus)
+        done = done | ends
+        alive = torch.where(active, survivors, alive)
+    return Accept(
+        num_accepted=num_accepted.to(torch.int32).view(1),
+        bonus=bonus.view(1),
+        branch=branch.to(torch.int32).view(1),
+        path_rows=row_of.index_select(0, branch.view(1)).view(depth).to(torch.int32),
+        out_tokens=out_tokens,
+        target_tokens=target,
+    )
