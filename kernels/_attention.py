@@ -139,26 +139,44 @@ def merge_states(
     stride_state_o,
     stride_state_lse,
     row_valid,
+    MAX_STATES: tl.constexpr,
+    STATES_PER_STEP: tl.constexpr,
 ):
     """Fold finished states into the running state (acc, m_i, l_i); return the final (o, lse).
 
-    A state's `o` is only read where its weight is nonzero, so an empty state (lse = -inf) may hold
-    anything in `o` (idle KV splits leave it unwritten).
+    num_states <= MAX_STATES (a power of two). All LSEs arrive in one [BLOCK_M, MAX_STATES] load;
+    the o loads depend only on it and are issued STATES_PER_STEP at a time (a small unroll: the
+    whole unroll would hold every state's tile in registers), so the merge costs about
+    1 + num_states / STATES_PER_STEP memory round trips. A state's `o` is only read where its
+    weight is nonzero, so an empty state (lse = -inf) may hold anything in `o` (idle KV splits
+    leave it unwritten).
     """
-    m = m_i
-    for s in range(num_states):
-        lse_s = tl.load(state_lse + s * stride_state_lse, mask=row_valid, other=float("-inf"))
-        m = tl.maximum(m, lse_s)
+    states = tl.arange(0, MAX_STATES)
+    lse_s = tl.load(
+        state_lse[:, None] + states[None, :] * stride_state_lse,
+        mask=row_valid[:, None] & (states < num_states)[None, :],
+        other=float("-inf"),
+    )
+    m = tl.maximum(m_i, tl.max(lse_s, 1))
     m_shift = tl.where(m == float("-inf"), 0.0, m)
     alpha = tl.exp2(m_i - m_shift)
+    w = tl.exp2(lse_s - m_shift[:, None])  # [BLOCK_M, MAX_STATES], 0 for empty states
     acc = acc * alpha[:, None]
-    l_i = l_i * alpha
-    for s in range(num_states):
-        lse_s = tl.load(state_lse + s * stride_state_lse, mask=row_valid, other=float("-inf"))
-        w = tl.exp2(lse_s - m_shift)
-        o_s = tl.load(state_o + s * stride_state_o, mask=(w > 0)[:, None], other=0.0)
-        acc += w[:, None] * o_s.to(tl.float32)
-        l_i += w
+    l_i = l_i * alpha + tl.sum(w, 1)
+    for first in range(0, num_states, STATES_PER_STEP):
+        for i in tl.static_range(STATES_PER_STEP):
+            # the same weight as column s of `w`, from an L1-hot reload (extracting the column
+            # would be a cross-warp reduction)
+            lse_i = tl.load(
+                state_lse + (first + i) * stride_state_lse,
+                mask=tl.where(first + i < num_states, row_valid, False),
+                other=float("-inf"),
+            )
+            w_s = tl.exp2(lse_i - m_shift)
+            o_s = tl.load(
+                state_o + (first + i) * stride_state_o, mask=(w_s > 0)[:, None], other=0.0
+            )
+            acc += w_s[:, None] * o_s.to(tl.float32)
     return finish_state(acc, m_shift, l_i)
 
 

@@ -19,7 +19,9 @@ Layouts: q [B, T, Hq, D]; k, v [B, T, Hkv, D] (D contiguous, other strides free)
 Kernel (`_branch_kernel`): grid (row tiles, branches, kv heads); the rows of one (branch, kv head)
 pack the T tokens x the GQA group (`row = t * group + g`). With `HAS_LOCAL=False` it is the pure
 merge of S states (prefix_attention's split merge); with states it is the second launch of
-cascade_attention.
+cascade_attention. The state count S is a host constant per call site (the split count); all S
+LSEs come in one [rows, MAX_STATES = next_power_of_2(S)] load and the state tiles in unrolled
+groups, because latency, not bandwidth, bounds this kernel at decode sizes.
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ def _branch_kernel(
     BLOCK_N: tl.constexpr,
     HAS_LOCAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    MAX_STATES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -142,6 +145,7 @@ def _branch_kernel(
     o, lse = merge_states(
         acc, m_i, l_i, state_o + offs_d[None, :], state_lse, num_states,
         stride_so_s, stride_sl_s, row_valid,
+        MAX_STATES=MAX_STATES, STATES_PER_STEP=(64 + BLOCK_M - 1) // BLOCK_M,
     )  # fmt: skip
 
     o_rows = branch * stride_ob + t * stride_ot + head * stride_oh
@@ -166,9 +170,9 @@ def _configs() -> list[triton.Config]:
 
 # Tiny, latency-bound work (T keys, T * group rows per program): tile sizes follow head_dim, group
 # and whether there is local attention at all; never the lengths.
-_branch = triton.autotune(configs=_configs(), key=["HEAD_DIM", "group", "HAS_LOCAL", "HAS_MASK"])(
-    _branch_kernel
-)
+_branch = triton.autotune(
+    configs=_configs(), key=["HEAD_DIM", "group", "HAS_LOCAL", "HAS_MASK", "MAX_STATES"]
+)(_branch_kernel)
 
 
 def launch_branch(
@@ -216,6 +220,7 @@ def launch_branch(
         *o.stride()[:3], *lse.stride(),
         sm_scale * LOG2E, window_left, int(causal),
         HEAD_DIM=head_dim, HAS_LOCAL=has_local, HAS_MASK=mask is not None,
+        MAX_STATES=triton.next_power_of_2(max(num_states, 1)),
         DOT_PRECISION=dot_precision(o.dtype if q is None else q.dtype),
     )  # fmt: skip
 
