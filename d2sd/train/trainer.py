@@ -194,8 +194,9 @@ class RecordSampler:
 
 def make_drafter(cfg: TrainConfig, target: torch.nn.Module) -> torch.nn.Module:
     """A randomly initialised ``DFlashDrafter`` for ``target`` with the config's shapes (see
-    ``DFlashDrafter.random``); ``init_from_target`` copies the target's last layers' attention
-    weights and norms into the drafter's layers where the shapes agree (the MLP is narrower)."""
+    ``DFlashDrafter.random``), its final norm copied from the target's; ``init_from_target`` also
+    copies the target's last layers' attention weights and norms into the drafter's layers where
+    the shapes agree (the MLP is narrower, Qwen3's q/k norms have no Llama counterpart)."""
     from d2sd.models.drafter import DFlashDrafter, default_target_layer_ids
 
     layer_ids = cfg.target_layer_ids or default_target_layer_ids(target.num_layers, cfg.num_taps)
@@ -210,6 +211,11 @@ def make_drafter(cfg: TrainConfig, target: torch.nn.Module) -> torch.nn.Module:
         backend="torch",
         dtype=torch.float32,  # fp32 master weights
     )
+    with torch.no_grad():
+        # the drafter's output goes through its final norm and the target's lm_head, like the
+        # target's last hidden state: start from the target's final norm so that the first
+        # logits have the target's scale (with unit weights SmolLM2's first loss is ~70)
+        drafter.norm.weight.copy_(target.hf.model.norm.weight.float())
     if cfg.init_from_target:
         copy_target_layers(drafter, target)
     return drafter
