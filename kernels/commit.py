@@ -69,8 +69,10 @@ def _commit_kernel(
         v_src = v_local_ptr + layer * stride_vl_layer + src_row * stride_vl_row
         k_dst = k_cache_ptr + layer * stride_kc_layer + dst_row * stride_kc_row
         v_dst = v_cache_ptr + layer * stride_vc_layer + dst_row * stride_vc_row
+        # a destination past max_len copies nothing
+        copy_size = tl.where(dst_row < max_len, row_size, 0)
         for start in range(0, row_size, BLOCK):
-            mask = (start + offs < row_size) & (dst_row < max_len)
+            mask = start + offs < copy_size
             tl.store(k_dst + start + offs, tl.load(k_src + start + offs, mask=mask), mask=mask)
             tl.store(v_dst + start + offs, tl.load(v_src + start + offs, mask=mask), mask=mask)
     elif HAS_HIDDEN:
