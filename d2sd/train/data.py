@@ -258,13 +258,31 @@ def load_training_prompts(
         kept = []
         for p in pool:
             key = _normalise(p.question)
-            if key not in banned and key not in seen and (accept is None or accept(p)):
+            if key not in banned and key not in seen:
                 seen.add(key)
                 kept.append(p)
         rng.shuffle(kept)
         pools[name] = kept
-    counts = _split_counts(num_prompts, mix, {s: len(p) for s, p in pools.items()})
-    prompts = [p for s, n in counts.items() for p in pools[s][:n]]
+    # walk each shuffled pool, applying `accept` lazily (it may tokenise), until its share is met;
+    # a pool that runs dry hands its shortfall to the others
+    chosen: dict[str, list[Prompt]] = {s: [] for s in pools}
+    cursor = dict.fromkeys(pools, 0)
+    missing = num_prompts
+    while missing > 0:
+        left = {s: len(pools[s]) - cursor[s] for s in pools}
+        counts = _split_counts(missing, mix, left)
+        if not counts:
+            break
+        for name, want in counts.items():
+            pool, got = pools[name], 0
+            while got < want and cursor[name] < len(pool):
+                p = pool[cursor[name]]
+                cursor[name] += 1
+                if accept is None or accept(p):
+                    chosen[name].append(p)
+                    got += 1
+            missing -= got
+    prompts = [p for s in pools for p in chosen[s]]
     rng.shuffle(prompts)
     assert_no_benchmark_leak(prompts, data_dir)
     return prompts
