@@ -487,3 +487,19 @@ def test_flex_matches_dense_on_cuda():
     flex = flex_attend(batch)(q, k, v).float()
     torch.testing.assert_close(flex, ref, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(dense, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_init_from_target_copies_matching_shapes(tmp_path, tiny):
+    from d2sd.train.trainer import copy_target_layers, make_drafter
+
+    target = tiny[0]
+    drafter = make_drafter(small_config(tmp_path), target)
+    # the final norm always starts as the target's (the lm_head input has the target's scale)
+    assert torch.equal(drafter.norm.weight, target.hf.model.norm.weight)
+    copied = copy_target_layers(drafter, target)
+    last = target.hf.model.layers[-1]
+    assert (
+        "layers.0.self_attn.q_proj.weight" in copied and "layers.0.input_layernorm.weight" in copied
+    )
+    assert not any("mlp" in name for name in copied)  # the drafter's MLP is narrower (64 vs 128)
+    assert torch.equal(drafter.layers[0].self_attn.k_proj.weight, last.self_attn.k_proj.weight)
