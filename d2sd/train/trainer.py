@@ -402,8 +402,11 @@ class Trainer:
         stop = cfg.steps if until is None else min(until, cfg.steps)
         self.out.mkdir(parents=True, exist_ok=True)
         log_file = self.out / "train_log.jsonl"
-        if not cfg.resume and log_file.exists():
-            log_file.unlink()
+        if log_file.exists():
+            # a fresh run starts a new log; a resumed one drops lines past the restored step
+            keep = [] if not cfg.resume else log_file.read_text().splitlines()
+            keep = [line for line in keep if json.loads(line)["step"] <= self.step]
+            log_file.write_text("".join(line + "\n" for line in keep))
         window: dict[str, torch.Tensor] = {}
         window_steps, window_start, tokens = 0, time.perf_counter(), 0
         metrics: dict[str, Any] = {}
