@@ -39,6 +39,10 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 # Stand-in for "no bound" in the int32 per-row key bounds.
 NO_KEY_BOUND = tl.constexpr(1 << 30)
+# Most KV splits (= states merged by `merge_states`). The merge reads all LSEs in one tile of this
+# width whatever the count (masked lanes fetch nothing), so one compiled kernel serves every count.
+MAX_KV_SPLITS = 32
+_STATE_TILE = tl.constexpr(MAX_KV_SPLITS)  # the same, visible inside @triton.jit code
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -139,19 +143,18 @@ def merge_states(
     stride_state_o,
     stride_state_lse,
     row_valid,
-    MAX_STATES: tl.constexpr,
     STATES_PER_STEP: tl.constexpr,
 ):
     """Fold finished states into the running state (acc, m_i, l_i); return the final (o, lse).
 
-    num_states <= MAX_STATES (a power of two). All LSEs arrive in one [BLOCK_M, MAX_STATES] load;
+    num_states <= MAX_KV_SPLITS. All LSEs arrive in one [BLOCK_M, MAX_KV_SPLITS] load;
     the o loads depend only on it and are issued STATES_PER_STEP at a time (a small unroll: the
     whole unroll would hold every state's tile in registers), so the merge costs about
     1 + num_states / STATES_PER_STEP memory round trips. A state's `o` is only read where its
     weight is nonzero, so an empty state (lse = -inf) may hold anything in `o` (idle KV splits
     leave it unwritten).
     """
-    states = tl.arange(0, MAX_STATES)
+    states = tl.arange(0, _STATE_TILE)
     lse_s = tl.load(
         state_lse[:, None] + states[None, :] * stride_state_lse,
         mask=row_valid[:, None] & (states < num_states)[None, :],
@@ -160,7 +163,7 @@ def merge_states(
     m = tl.maximum(m_i, tl.max(lse_s, 1))
     m_shift = tl.where(m == float("-inf"), 0.0, m)
     alpha = tl.exp2(m_i - m_shift)
-    w = tl.exp2(lse_s - m_shift[:, None])  # [BLOCK_M, MAX_STATES], 0 for empty states
+    w = tl.exp2(lse_s - m_shift[:, None])  # [BLOCK_M, MAX_KV_SPLITS], 0 for empty states
     acc = acc * alpha[:, None]
     l_i = l_i * alpha + tl.sum(w, 1)
     for first in range(0, num_states, STATES_PER_STEP):
@@ -237,7 +240,9 @@ def num_kv_splits(
     programs_per_split = num_kv_heads * math.ceil(num_rows / num_kv_heads / 128)
     sms = _num_sms(device)
     state_bytes = num_rows * head_dim * 4
-    limit = min(64, math.ceil(max_len / min_split_keys(device)), (16 << 20) // state_bytes)
+    limit = min(
+        MAX_KV_SPLITS, math.ceil(max_len / min_split_keys(device)), (16 << 20) // state_bytes
+    )
     ideal = programs_per_split / sms
     best, best_cost = 1, math.ceil(programs_per_split / sms)
     for splits in range(2, max(1, limit) + 1):

@@ -19,9 +19,9 @@ Layouts: q [B, T, Hq, D]; k, v [B, T, Hkv, D] (D contiguous, other strides free)
 Kernel (`_branch_kernel`): grid (row tiles, branches, kv heads); the rows of one (branch, kv head)
 pack the T tokens x the GQA group (`row = t * group + g`). With `HAS_LOCAL=False` it is the pure
 merge of S states (prefix_attention's split merge); with states it is the second launch of
-cascade_attention. The state count S is a host constant per call site (the split count); all S
-LSEs come in one [rows, MAX_STATES = next_power_of_2(S)] load and the state tiles in unrolled
-groups, because latency, not bandwidth, bounds this kernel at decode sizes.
+cascade_attention. All S incoming LSEs come in one [rows, MAX_KV_SPLITS] load and the state
+tiles in small unrolled groups, because latency, not bandwidth, bounds this kernel at decode
+sizes; S is a runtime argument (one compiled kernel for every split count).
 """
 
 from __future__ import annotations
@@ -97,7 +97,6 @@ def _branch_kernel(
     BLOCK_N: tl.constexpr,
     HAS_LOCAL: tl.constexpr,
     HAS_MASK: tl.constexpr,
-    MAX_STATES: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -145,7 +144,7 @@ def _branch_kernel(
     o, lse = merge_states(
         acc, m_i, l_i, state_o + offs_d[None, :], state_lse, num_states,
         stride_so_s, stride_sl_s, row_valid,
-        MAX_STATES=MAX_STATES, STATES_PER_STEP=(64 + BLOCK_M - 1) // BLOCK_M,
+        STATES_PER_STEP=(64 + BLOCK_M - 1) // BLOCK_M,
     )  # fmt: skip
 
     o_rows = branch * stride_ob + t * stride_ot + head * stride_oh
@@ -161,18 +160,18 @@ def _configs() -> list[triton.Config]:
     if interpreting():
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=4)]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=2)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=2)
         # all compile without register spills for head_dim 64 and 128 on sm_90; T = 64 takes two
         # 32-key tiles
-        for bm, bn in ((16, 16), (32, 16), (32, 32), (64, 32))
+        for bm, bn, w in ((16, 16, 4), (32, 16, 4), (32, 32, 4), (64, 32, 8))
     ]
 
 
 # Tiny, latency-bound work (T keys, T * group rows per program): tile sizes follow head_dim, group
 # and whether there is local attention at all; never the lengths.
-_branch = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "group", "HAS_LOCAL", "HAS_MASK", "MAX_STATES"]
-)(_branch_kernel)
+_branch = triton.autotune(configs=_configs(), key=["HEAD_DIM", "group", "HAS_LOCAL", "HAS_MASK"])(
+    _branch_kernel
+)
 
 
 def launch_branch(
@@ -220,7 +219,6 @@ def launch_branch(
         *o.stride()[:3], *lse.stride(),
         sm_scale * LOG2E, window_left, int(causal),
         HEAD_DIM=head_dim, HAS_LOCAL=has_local, HAS_MASK=mask is not None,
-        MAX_STATES=triton.next_power_of_2(max(num_states, 1)),
         DOT_PRECISION=dot_precision(o.dtype if q is None else q.dtype),
     )  # fmt: skip
 

@@ -22,8 +22,9 @@ def _states(shape, dtype_a, dtype_b=None, *, empty_frac=0.25, device=DEVICE):
     lse_b = torch.randn(shape[:-1], device=device) * 4
     empty_a = torch.rand(shape[:-1], device=device) < empty_frac
     empty_b = torch.rand(shape[:-1], device=device) < empty_frac
-    empty_b.view(-1)[:3] = True  # at least one row empty on both sides
-    empty_a.view(-1)[:3] = True
+    if empty_frac > 0:  # at least one row empty on both sides
+        empty_b.view(-1)[:3] = True
+        empty_a.view(-1)[:3] = True
     lse_a[empty_a] = NEG_INF
     lse_b[empty_b] = NEG_INF
     o_a[empty_a] = float("nan")
