@@ -7,7 +7,8 @@ Modes (`GenerationConfig.mode`):
   (B = 1, T = gamma).
 - `d2sd`: dual draft. DFlash draft, top-K branch points by r(i), K VP-drafter branches of
   gamma2 = `block_size_2`, all K+1 verified in one target forward (`verify_layout` "branches":
-  B = K+1 causal blocks over the shared prefix; "tree": the deduplicated tree, B = 1, T = (K+1)*gamma2).
+  B = K+1 causal blocks over the shared prefix; "tree": the deduplicated tree, B = 1, T = (K+1)*gamma2;
+  targets with sliding-window layers always verify as "branches", see `Decoder.sliding_window`).
 - `dflash+samples` (ablation): as d2sd, but the K branches keep t_1 .. t_i and then sample each later
   position from the first draft's distribution at temperature 1 (from a generator independent of the
   target's draws) instead of running the VP drafter.
@@ -146,7 +147,7 @@ class _Plan:
     sampling: steps.Sampling
 
     @classmethod
-    def of(cls, config: GenerationConfig) -> _Plan:
+    def of(cls, config: GenerationConfig, *, tree_ok: bool = True) -> _Plan:
         sampling = steps.Sampling(config.temperature, config.top_k, config.top_p)
         if config.mode == "ar":
             return cls("ar", 0, 1, 0, "branches", sampling)
@@ -158,7 +159,7 @@ class _Plan:
             config.block_size,
             config.block_size_2,
             config.topk,
-            config.verify_layout,
+            config.verify_layout if tree_ok else "branches",
             sampling,
         )
 
@@ -281,6 +282,11 @@ class Decoder:
         self.eos_ids = eos_token_ids(
             tokenizer, getattr(getattr(target, "hf", None), "generation_config", None)
         )
+        # tree verification places node t at index position cache_len + t for the attention
+        # window (ARCHITECTURE.md), not at cache_len + depth: with sliding-window layers it would
+        # hide keys that AR sees, so such targets verify in the branches layout
+        spec = getattr(target, "spec", None)
+        self.sliding_window = any(w >= 0 for w in getattr(spec, "window_left", ()))
         self._graphs: dict[bool, StepGraphs] = {}
         self._caches: dict[str, Any] = {}
         self._states: dict[tuple, steps.LoopState] = {}
@@ -301,7 +307,7 @@ class Decoder:
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> GenerationResult:
         """Decode `prompt_ids` under `config`; see the module docstring."""
-        plan = _Plan.of(config)
+        plan = _Plan.of(config, tree_ok=not self.sliding_window)
         self._check(plan, len(prompt_ids), config)
         state = self._state(plan)
         graphs = self._graph_runner(config.cuda_graphs)

@@ -46,11 +46,11 @@ def cpu_kernels(enabled: bool = True) -> Iterator[None]:
 @functools.cache
 def _resolve(name: str, want_kernel: bool) -> Callable:
     module = importlib.import_module("kernels")
-    if want_kernel:
-        try:
-            return getattr(module, name)
-        except (ImportError, AttributeError):
-            pass  # reference only so far
+    launcher = getattr(module, name, None) if want_kernel else None
+    # a launcher is a function; `kernels.<op>` can also be the op's submodule if the package
+    # stops binding the launcher over it
+    if callable(launcher):
+        return launcher
     return getattr(module, f"{name}_ref")
 
 
