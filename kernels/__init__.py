@@ -1,29 +1,39 @@
 """D2SD Triton kernels, each with an fp32 torch reference (`<op>_ref`). See ARCHITECTURE.md.
 
-The public API is what this module exports; model code reaches kernels only through it.
-Each name is imported from its kernel file on first use, so importing `kernels` stays cheap and a
-CPU-only caller that never touches a kernel never compiles one.
+The public API is what this module exports; model code reaches kernels only through it. Each
+launcher has the name of its file, so the imports below deliberately bind the function over the
+submodule attribute that the import system sets (`kernels.commit` is the function).
 """
 
-from importlib import import_module
+from kernels.accept import Accept, accept, accept_ref, sample_tokens, sample_tokens_ref
+from kernels.branch_attention import branch_attention, branch_attention_ref
+from kernels.cascade_attention import cascade_attention, cascade_attention_ref
+from kernels.commit import commit, commit_ref
+from kernels.lse_merge import lse_merge, lse_merge_, lse_merge_ref
+from kernels.prefix_attention import prefix_attention, prefix_attention_ref
+from kernels.topk_confidence import topk_confidence, topk_confidence_ref
+from kernels.tree_mask import Tree, tree_mask, tree_mask_ref
 
-# public name -> the kernel file (one file per op) that defines it
-_EXPORTS = {
-    **dict.fromkeys(("lse_merge", "lse_merge_", "lse_merge_ref"), "lse_merge"),
-    **dict.fromkeys(("prefix_attention", "prefix_attention_ref"), "prefix_attention"),
-    **dict.fromkeys(("branch_attention", "branch_attention_ref"), "branch_attention"),
-    **dict.fromkeys(("cascade_attention", "cascade_attention_ref"), "cascade_attention"),
-    **dict.fromkeys(("topk_confidence", "topk_confidence_ref"), "topk_confidence"),
-    **dict.fromkeys(("tree_mask", "tree_mask_ref", "Tree"), "tree_mask"),
-    **dict.fromkeys(
-        ("accept", "accept_ref", "Accept", "sample_tokens", "sample_tokens_ref"), "accept"
-    ),
-    **dict.fromkeys(("commit", "commit_ref"), "commit"),
-}
-__all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kernels' has no attribute {name!r}")
-    return getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+__all__ = [
+    "Accept",
+    "Tree",
+    "accept",
+    "accept_ref",
+    "branch_attention",
+    "branch_attention_ref",
+    "cascade_attention",
+    "cascade_attention_ref",
+    "commit",
+    "commit_ref",
+    "lse_merge",
+    "lse_merge_",
+    "lse_merge_ref",
+    "prefix_attention",
+    "prefix_attention_ref",
+    "sample_tokens",
+    "sample_tokens_ref",
+    "topk_confidence",
+    "topk_confidence_ref",
+    "tree_mask",
+    "tree_mask_ref",
+]
