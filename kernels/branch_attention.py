@@ -46,8 +46,16 @@ from kernels._attention import (
 )
 
 
-# sizes and switches vary per call site: no per-value specialization (one compile per config)
-@triton.jit(do_not_specialize=["seq_len", "group", "num_states", "window_left", "causal"])
+# sizes and switches vary per call site: no per-value specialization (one compile per config),
+# nor on the strides of per-row LSEs and mask words, whose divisibility follows Hq and T
+@triton.jit(
+    do_not_specialize=[
+        "seq_len", "group", "num_states",
+        "stride_mb", "stride_mt", "stride_sl_s", "stride_sl_b", "stride_sl_t", "stride_sl_h",
+        "stride_lb", "stride_lt", "stride_lh",
+        "window_left", "causal",
+    ]
+)  # fmt: skip
 def _branch_kernel(
     # pointers
     q_ptr,

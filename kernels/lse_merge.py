@@ -28,7 +28,12 @@ import triton.language as tl
 from kernels._attention import call_op, merge_ref, merge_two
 
 
-@triton.jit(do_not_specialize=["num_rows", "num_heads", "head_dim"])
+@triton.jit(
+    do_not_specialize=[
+        "num_rows", "num_heads", "head_dim",
+        "stride_la_t", "stride_la_h", "stride_lb_t", "stride_lb_h", "stride_l_t", "stride_l_h",
+    ]
+)  # fmt: skip
 def _lse_merge_kernel(
     # pointers
     o_a_ptr,
