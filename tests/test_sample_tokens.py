@@ -170,7 +170,7 @@ def chi_square_same(counts_a: torch.Tensor, counts_b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-# 1: a single token; 13: one partial block; 2049: two blocks, the second of one token;
+# 1: a single token; 13: one partial block; 2049: just past a power of two (a mostly masked block);
 # MULTI_CHUNK_V: three chunks (the partials/select split).
 @pytest.mark.parametrize("vocab", [1, 13, 2049, MULTI_CHUNK_V])
 def test_greedy_matches_reference_with_ties(vocab: int, dtype: torch.dtype) -> None:
