@@ -56,6 +56,8 @@ Outputs: num_accepted = a (drafts accepted), branch = f(a) (the chosen branch),
 out_tokens[:a + 1] = s_0 .. s_a (= t_1 .. t_a, bonus) and -1 after, bonus = s_a,
 path_rows[t] = row_of[branch, t] for every t < T (rows past a continue along the chosen branch, so
 `commit` can copy a fixed T rows), target_tokens = every pair's target (debugging, tests).
+Launches: [thresholds] + partials + select give target_tokens (greedy too: reducing the chunk
+partials in the grid-(B*T) select kernel measured faster than inside the one-program walk), then
 `_accept_scan_kernel` (one program) does the walk without a loop over depths: alive branches at
 depth t are exactly those agreeing with f(t) on drafts 1..t, so it tabulates, for every possible
 (f, t), the next first-alive branch, then jumps from one first-alive branch to the next (at most
@@ -137,12 +139,11 @@ def _mass_at_least(
 
 
 @triton.jit
-def _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, AXIS: tl.constexpr, NONE):
-    """Reduce per-chunk (max, first argmax) along AXIS: largest value, ties to the first chunk."""
-    best = tl.max(chunk_max, axis=AXIS)
-    is_best = valid & (chunk_max == tl.expand_dims(best, AXIS))
-    winner = tl.min(tl.where(is_best, chunk_ids, NONE), axis=AXIS)
-    return tl.sum(tl.where(chunk_ids == tl.expand_dims(winner, AXIS), chunk_argmax, 0), axis=AXIS)
+def _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, NONE: tl.constexpr):
+    """Reduce per-chunk (max, first argmax): the largest value, ties to the first chunk."""
+    best = tl.max(chunk_max, axis=0)
+    winner = tl.min(tl.where(valid & (chunk_max == best), chunk_ids, NONE), axis=0)
+    return tl.sum(tl.where(chunk_ids == winner, chunk_argmax, 0), axis=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,7 +302,7 @@ def _select_kernel(
     chunk_max = tl.load(chunk_max_ptr + partial, mask=valid, other=float("-inf"))
     if GREEDY:
         chunk_argmax = tl.load(chunk_argmax_ptr + partial, mask=valid, other=0)
-        token = _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, 0, BLOCK_S)
+        token = _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, BLOCK_S)
     else:
         x_max = tl.max(chunk_max, axis=0)
         chunk_mass = tl.load(chunk_mass_ptr + partial, mask=valid, other=0.0)
@@ -345,9 +346,7 @@ def _accept_scan_kernel(
     # pointers
     cand_ptr,  # [B, T] int64, contiguous
     rows_ptr,  # [B, T] int32/int64, contiguous (HAS_ROWS)
-    tokens_ptr,  # [B * T] int64 target tokens (not GREEDY)
-    chunk_max_ptr,  # [B * T, S] f32 (GREEDY)
-    chunk_argmax_ptr,  # [B * T, S] int32 (GREEDY)
+    tokens_ptr,  # [B * T] int64 target tokens
     num_accepted_ptr,  # [1] int32 out
     bonus_ptr,  # [1] int64 out
     branch_ptr,  # [1] int32 out
@@ -357,13 +356,10 @@ def _accept_scan_kernel(
     # sizes
     num_branches,
     depth,
-    num_chunks,
     # meta
     HAS_ROWS: tl.constexpr,
-    GREEDY: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_S: tl.constexpr,
 ):
     ob = tl.arange(0, BLOCK_B)
     ot = tl.arange(0, BLOCK_T)
@@ -373,23 +369,13 @@ def _accept_scan_kernel(
     pair_ok = b_ok[:, None] & t_ok[None, :]
     # every global load up front: the walk below is a chain of dependent reductions
     cand = tl.load(cand_ptr + pair, mask=pair_ok, other=-1)
+    target = tl.load(tokens_ptr + pair, mask=pair_ok, other=-1)
     next_ok = b_ok[None, :] & (ot + 1 < depth)[:, None]
     next_draft = tl.load(cand_ptr + ob[None, :] * depth + ot[:, None] + 1, mask=next_ok, other=-1)
     if HAS_ROWS:
         rows = tl.load(rows_ptr + pair, mask=pair_ok, other=0).to(tl.int32)
     else:
         rows = pair
-    if GREEDY:
-        os = tl.arange(0, BLOCK_S)
-        part_ok = pair_ok[:, :, None] & (os < num_chunks)[None, None, :]
-        partial = pair[:, :, None] * num_chunks + os[None, None, :]
-        chunk_max = tl.load(chunk_max_ptr + partial, mask=part_ok, other=float("-inf"))
-        chunk_argmax = tl.load(chunk_argmax_ptr + partial, mask=part_ok, other=0)
-        target = _argmax_from_partials(
-            chunk_max, chunk_argmax, os[None, None, :], part_ok, 2, BLOCK_S
-        ).to(tl.int64)
-    else:
-        target = tl.load(tokens_ptr + pair, mask=pair_ok, other=-1)
     tl.store(target_tokens_ptr + pair, target, mask=pair_ok)
 
     # first_diff[f, b]: first depth t >= 1 where the drafts of branches f and b differ (else T).
@@ -472,12 +458,9 @@ def _sample_pairs(
     temperature: float,
     top_k: int,
     top_p: float,
-    *,
-    reduce_greedy: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
-    """Launch the sampler on `num_pairs` pairs; pair p reads logits row rows[p] (default p) and
-    uniforms[p % uniform_period]. Returns (tokens [P] int64 | None, chunk_max, chunk_argmax); greedy
-    with reduce_greedy=False leaves the argmax reduction to the caller (tokens None)."""
+) -> torch.Tensor:
+    """Launch the sampler on `num_pairs` pairs -> tokens [P] int64; pair p reads logits row rows[p]
+    (default p) and uniforms[p % uniform_period]."""
     vocab = logits.shape[1]
     block, chunk_blocks, num_chunks = _chunking(vocab)
     key_shift = _KEY_SHIFT[logits.dtype]
@@ -512,8 +495,6 @@ def _sample_pairs(
         BLOCK=block, CHUNK_BLOCKS=chunk_blocks,
         num_warps=_NUM_WARPS["partials"],
     )  # fmt: skip
-    if greedy and not reduce_greedy:
-        return None, chunk_max, chunk_val
     tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)
     _select_kernel[(num_pairs,)](
         logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,
@@ -524,7 +505,7 @@ def _sample_pairs(
         BLOCK=block, CHUNK_BLOCKS=chunk_blocks, BLOCK_S=triton.next_power_of_2(num_chunks),
         num_warps=_NUM_WARPS["select"],
     )  # fmt: skip
-    return tokens, chunk_max, chunk_val
+    return tokens
 
 
 def _check_sampling(
@@ -561,10 +542,7 @@ def _sample_tokens_op(
     top_p: float,
 ) -> torch.Tensor:
     num_rows = logits.shape[0]
-    tokens, _, _ = _sample_pairs(
-        logits, None, num_rows, uniforms, num_rows, temperature, top_k, top_p, reduce_greedy=True
-    )
-    return tokens
+    return _sample_pairs(logits, None, num_rows, uniforms, num_rows, temperature, top_k, top_p)
 
 
 @_sample_tokens_op.register_fake
@@ -612,10 +590,7 @@ def _accept_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     num_branches, depth = cand_tokens.shape
     num_pairs = num_branches * depth
-    greedy = temperature == 0.0
-    tokens, chunk_max, chunk_argmax = _sample_pairs(
-        logits, row_of, num_pairs, uniforms, depth, temperature, top_k, top_p, reduce_greedy=False
-    )
+    tokens = _sample_pairs(logits, row_of, num_pairs, uniforms, depth, temperature, top_k, top_p)
     device = logits.device
     num_accepted = torch.empty(1, dtype=torch.int32, device=device)
     bonus = torch.empty(1, dtype=torch.int64, device=device)
@@ -623,15 +598,12 @@ def _accept_op(
     path_rows = torch.empty(depth, dtype=torch.int32, device=device)
     out_tokens = torch.empty(depth, dtype=torch.int64, device=device)
     target_tokens = torch.empty(num_branches, depth, dtype=torch.int64, device=device)
-    num_chunks = chunk_max.shape[1]
     _accept_scan_kernel[(1,)](
-        cand_tokens, row_of if row_of is not None else cand_tokens,
-        chunk_max if greedy else tokens, chunk_max, chunk_argmax,
+        cand_tokens, row_of if row_of is not None else cand_tokens, tokens,
         num_accepted, bonus, branch, path_rows, out_tokens, target_tokens,
-        num_branches, depth, num_chunks,
-        HAS_ROWS=row_of is not None, GREEDY=greedy,
+        num_branches, depth,
+        HAS_ROWS=row_of is not None,
         BLOCK_B=triton.next_power_of_2(num_branches), BLOCK_T=triton.next_power_of_2(depth),
-        BLOCK_S=triton.next_power_of_2(num_chunks),
         num_warps=_NUM_WARPS["scan"],
     )  # fmt: skip
     return num_accepted, bonus, branch, path_rows, out_tokens, target_tokens
