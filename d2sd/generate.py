@@ -224,7 +224,8 @@ class _ReportReader:
         self.cuda = report.is_cuda
         count = depth + 1
         self._buffers = [
-            torch.empty_like(report, device="cpu", pin_memory=self.cuda) for _ in range(count)
+            torch.empty(report.shape, dtype=report.dtype, pin_memory=self.cuda)
+            for _ in range(count)
         ]
         self._next = 0
 
@@ -287,6 +288,9 @@ class Decoder:
         # hide keys that AR sees, so such targets verify in the branches layout
         spec = getattr(target, "spec", None)
         self.sliding_window = any(w >= 0 for w in getattr(spec, "window_left", ()))
+        # cycles queued ahead of the host's reading of the reports: on CUDA the GPU then never
+        # waits for the host between cycles; on the CPU every step runs synchronously anyway
+        self.run_ahead = 1 if self.device.type == "cuda" else 0
         self._graphs: dict[bool, StepGraphs] = {}
         self._caches: dict[str, Any] = {}
         self._states: dict[tuple, steps.LoopState] = {}
@@ -349,9 +353,9 @@ class Decoder:
         tokens: list[int],
         accept_lengths: list[int],
     ) -> int:
-        """Run cycles until a stop; returns the output length to keep. On CUDA one cycle runs ahead
-        of the host's reading of the reports (its results are dropped at a stop)."""
-        run_ahead = 1 if self.device.type == "cuda" else 0
+        """Run cycles until a stop; returns the output length to keep. `self.run_ahead` cycles run
+        ahead of the host's reading of the reports (their results are dropped at a stop)."""
+        run_ahead = self.run_ahead
         reader = _ReportReader(state.report, run_ahead)
         in_flight: deque = deque()
         while True:
@@ -476,7 +480,8 @@ class Decoder:
             count = torch.tensor([ids.shape[1]], dtype=torch.int32, device=device)
             for drafter, cache in self._drafter_caches(plan, state):
                 drafter.extend_context(prompt_taps, positions, cache, count)
-        rows = FIRST_CYCLE_ROW + config.max_new_tokens + 2  # + the run-ahead cycle, + slack
+        # a cycle emits >= 1 token: max_new_tokens - 1 cycles at most, plus the run-ahead ones
+        rows = FIRST_CYCLE_ROW + config.max_new_tokens + self.run_ahead
         first_uniform = None
         if not plan.sampling.greedy:
             table = target_uniforms(config.seed, rows, plan.length, device)
@@ -513,12 +518,12 @@ class Decoder:
             raise D2SDError(f"mode {plan.mode!r} needs a DFlash drafter (draft=...)")
         if plan.mode == "d2sd" and self.vp_draft is None:
             raise D2SDError("mode 'd2sd' needs a VP drafter (vp_draft=...)")
-        # the run-ahead cycle and the last counted one may each commit a whole block past the stop
-        needed = prompt_len + config.max_new_tokens + 2 * plan.length + 1
-        if needed > self.max_len:
+        # the last counted cycle and each run-ahead one may commit a whole block past the stop
+        slack = (1 + self.run_ahead) * plan.length + 1
+        if prompt_len + config.max_new_tokens + slack > self.max_len:
             raise D2SDError(
                 f"prompt ({prompt_len}) + max_new_tokens ({config.max_new_tokens}) + slack "
-                f"({2 * plan.length + 1}) exceeds the decoder's max_len {self.max_len}"
+                f"({slack}) exceeds the decoder's max_len {self.max_len}"
             )
 
     def _graph_runner(self, enabled: bool) -> StepGraphs:
@@ -565,7 +570,7 @@ class Decoder:
             return state
         device, length = self.device, plan.length
         zeros = lambda *shape, dtype: torch.zeros(*shape, dtype=dtype, device=device)
-        rows = self.max_len + 2
+        rows = self.max_len + 1 + self.run_ahead
         state = steps.LoopState(
             anchor=zeros(1, dtype=torch.int64),
             target_cache=target_cache,

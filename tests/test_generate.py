@@ -172,6 +172,20 @@ def test_stop_strings_truncate_at_the_completing_token(mode: str) -> None:
     assert result.tokens == expected[:first]
 
 
+@pytest.mark.parametrize("stop", ["eos", "max_new_tokens"])
+def test_run_ahead_cycles_are_dropped_at_a_stop(stop: str) -> None:
+    """The CUDA loop queues one cycle before reading the last report; the same logic on the CPU:
+    whatever the run-ahead cycle emits after the stop never reaches the output."""
+    prompt, expected = prompt_and_ar()
+    decoder = oracle_decoder()
+    decoder.run_ahead = 1
+    if stop == "eos":
+        decoder.eos_ids = frozenset({expected[20]})
+        expected = expected[: expected.index(expected[20]) + 1]
+    config = spec_config(max_new_tokens=NEW_TOKENS if stop == "eos" else 23)
+    assert decoder.generate(prompt, config).tokens == expected[: config.max_new_tokens]
+
+
 @pytest.mark.parametrize("max_new_tokens", [1, 2, 7])
 def test_max_new_tokens_is_exact(max_new_tokens: int) -> None:
     prompt, expected = prompt_and_ar()
