@@ -187,23 +187,20 @@ def sample_branches(
 ) -> torch.Tensor:
     """The `dflash+samples` ablation's branches: branch_tokens [K, gamma2] keep the anchor and
     t_1 .. t_{i_k}, then draw each later draft position independently from the first draft's
-    distribution at temperature 1 (no top-k/top-p), positions past gamma-1 hold MASK.
+    distribution at temperature 1 (no top-k/top-p; inverse CDF in token-id order), positions past
+    gamma-1 hold MASK.
 
     draft_logits [1, gamma, V]; uniforms [rows, K, gamma-1] from a generator independent of the
-    target's (the tree must not depend on the target's draws); `cycle` picks the row.
+    target's (the tree must not depend on the target's draws); `cycle` picks the row. The CDF of
+    each position is built once for all K branches.
     """
     vp_input_ids = selection.vp_input_ids
-    num_branches = vp_input_ids.shape[0]
-    position_logits = draft_logits[0, 1:].float()
-    num_draft, vocab = position_logits.shape
-    draws = _current_row(uniforms, cycle).reshape(-1)
-    sampled = ops.sample_tokens(
-        position_logits.unsqueeze(0).expand(num_branches, num_draft, vocab).reshape(-1, vocab),
-        draws,
-        temperature=1.0,
-    ).view(num_branches, num_draft)
+    cdf = draft_logits[0, 1:].float().softmax(dim=-1).cumsum(dim=-1)  # [G, V]
+    draws = _current_row(uniforms, cycle).t().contiguous()  # [G, K]
+    sampled = torch.searchsorted(cdf, draws * cdf[:, -1:], right=True)
+    sampled = sampled.clamp(max=cdf.shape[-1] - 1).t()  # [K, G]
     filled = torch.full_like(vp_input_ids, mask_token_id)
-    filled[:, 1 : 1 + num_draft] = sampled
+    filled[:, 1 : 1 + sampled.shape[1]] = sampled
     return _keep_prefix(vp_input_ids, filled, selection.branch_len)
 
 

@@ -280,6 +280,33 @@ def test_second_draft_keeps_the_visible_prefix() -> None:
     assert branches.tolist() == [[7, 8, 8, 8], [7, 1, 2, 8]]
 
 
+def test_sampled_branches_follow_the_first_draft_distribution() -> None:
+    """dflash+samples: past the visible prefix, branch tokens are draws from softmax(draft logits)
+    (frequencies within 5 binomial sigmas), the prefix is kept and positions past gamma-1 are MASK."""
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [1.0, 0.0, -1.0, 2.0], [0.5, 0.5, 0.0, -3.0]]])
+    selection = steps.Selection(
+        draft_tokens=torch.tensor([3, 0]),
+        confidence=torch.ones(2),
+        r=torch.ones(2),
+        branch_len=torch.tensor([0, 1], dtype=torch.int32),
+        vp_input_ids=torch.tensor([[7, 9, 9, 9], [7, 3, 9, 9]]),
+    )
+    num_draws = 4000
+    uniforms = torch.rand(num_draws, 2, 2, generator=torch.Generator().manual_seed(3))
+    rows = torch.stack(
+        [
+            steps.sample_branches(logits, selection, uniforms, torch.tensor([c]), mask_token_id=9)
+            for c in range(num_draws)
+        ]
+    )
+    assert (rows[:, :, 0] == 7).all() and (rows[:, 1, 1] == 3).all() and (rows[:, :, 3] == 9).all()
+    for position, samples in ((1, rows[:, 0, 1]), (2, rows[:, 0, 2]), (2, rows[:, 1, 2])):
+        probs = logits[0, position].softmax(-1)
+        frequency = torch.bincount(samples, minlength=4).double() / num_draws
+        sigma = (probs * (1 - probs) / num_draws).sqrt()
+        assert ((frequency - probs).abs() <= 5 * sigma + 1e-9).all(), (position, frequency, probs)
+
+
 # -- the bf16 comparison helper ------------------------------------------------------------------
 
 
