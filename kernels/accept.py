@@ -56,8 +56,8 @@ Outputs: num_accepted = a (drafts accepted), branch = f(a) (the chosen branch),
 out_tokens[:a + 1] = s_0 .. s_a (= t_1 .. t_a, bonus) and -1 after, bonus = s_a,
 path_rows[t] = row_of[branch, t] for every t < T (rows past a continue along the chosen branch, so
 `commit` can copy a fixed T rows), target_tokens = every pair's target (debugging, tests).
-Launches: [thresholds] + partials + select give target_tokens (greedy too: reducing the chunk
-partials in the grid-(B*T) select kernel measured faster than inside the one-program walk), then
+Launches: [thresholds] + partials + select give target_tokens (greedy too: when the one-program
+walk reduced the greedy chunk partials itself, greedy accept was slower than sampled accept), then
 `_accept_scan_kernel` (one program) does the walk without a loop over depths: alive branches at
 depth t are exactly those agreeing with f(t) on drafts 1..t, so it tabulates, for every possible
 (f, t), the next first-alive branch, then jumps from one first-alive branch to the next (at most
@@ -434,8 +434,9 @@ def _accept_scan_kernel(
 _LOG2E = 1.4426950408889634
 _KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 # Measured on the H200 (B = 5, T = 16, bf16, V = 151936 / 49152): one 8192-token block per chunk
-# with 8 warps beat 2048 x 4 and 4096 x 1-2 (greedy accept 15.5 / 8.7 us vs 17.1 / 10.1 us);
-# fewer than 4 warps in the scan spill. Changing BLOCK / CHUNK changes the sampled rounding.
+# with 8 warps beat 2048 x 4 x 4 warps (greedy partials 9.2 / 4.2 us vs 10.8 / 5.6 us); 32 warps
+# of 8192 were the fastest threshold passes; a 1-warp scan spills. Changing BLOCK / CHUNK changes
+# the sampled rounding (consistently for AR and verification: they depend on V only).
 _BLOCK = 8192  # tokens per block of the partial/select kernels
 _CHUNK_BLOCKS = 1  # blocks per chunk: one partials program reads CHUNK = 8192 tokens of a row
 _THRESHOLD_BLOCK = 8192
