@@ -9,7 +9,10 @@ Two kinds of drafters:
   The first and the second drafter corrupt different positions.
 
 Targets: one tiny random model of each family (llama untied: a tied random llama repeats one token
-under greedy decoding). Prompts are random ids; 64 new tokens each.
+under greedy decoding). Prompts are random ids. Budget (one CPU core): the oracle test runs 20
+prompts x 64 tokens through every mode but dflash-dflash; the random-drafter test 2 prompts x 32
+tokens through every mode; under TRITON_INTERPRET=1 one small d2sd case runs the Triton attention
+backend and the Triton loop kernels (ops.cpu_kernels) instead of the torch references.
 """
 
 from __future__ import annotations
@@ -30,7 +33,6 @@ NUM_PROMPTS = 20
 MAX_LEN = 128
 GAMMA, GAMMA2, TOPK = 6, 8, 3
 
-# (mode, verify layout): every mode, both layouts for the dual ones
 # (mode, verify layout): every mode; d2sd in both layouts, each ablation in one of them. Targets
 # with sliding windows (gpt_oss) verify "tree" as "branches" (Decoder.sliding_window).
 MODES = [
