@@ -30,7 +30,20 @@ from typing import Any
 
 from d2sd.errors import D2SDError
 
-__all__ = ["MODES", "build_parser", "main"]
+__all__ = [
+    "MODES",
+    "Models",
+    "OneLineParser",
+    "Plan",
+    "UsageError",
+    "build_parser",
+    "cache_len_needed",
+    "check_models",
+    "load_models",
+    "main",
+    "make_decoder",
+    "resolve_drafts",
+]
 
 MODES = ("d2sd", "dflash", "ar", "dflash+samples", "dflash-dflash")
 # which drafters each mode runs; "dflash-dflash" re-drafts the branches with the DFlash drafter
@@ -59,18 +72,21 @@ exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (partial r
 """
 
 
-class _UsageError(Exception):
+class UsageError(Exception):
     """argparse's complaint, turned into our one-line error instead of usage + exit."""
 
 
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser that raises UsageError instead of printing usage and exiting (shared with
+    `d2sd.bench`)."""
+
     def error(self, message: str) -> None:  # type: ignore[override]
-        raise _UsageError(message)
+        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The CLI's options; every help text states its default."""
-    p = _Parser(
+    p = OneLineParser(
         prog="python -m d2sd.run",
         description="Decode prompts with D2SD (DFlash draft + VP re-drafts of the likeliest "
         "failure points, verified in one target pass) and compare with autoregressive decoding "
@@ -304,8 +320,12 @@ def _samples(args: argparse.Namespace) -> list[Any]:
     return data.bundled_prompts()
 
 
-def _drafts(args: argparse.Namespace) -> tuple[str, dict[str, str | None], list[str]]:
-    """The mode and each drafter's source; the default target falls back to shipped or random."""
+def resolve_drafts(args: argparse.Namespace) -> tuple[str, dict[str, str | None], list[str]]:
+    """The mode and each drafter's source; the default target falls back to shipped or random.
+
+    Reads args.mode (None: the richest mode the drafters allow), args.draft, args.vp_draft and
+    args.target; returns (mode, {"draft"/"vp_draft": source or None}, notes). Shared with
+    `d2sd.bench`, which passes the richest mode among its methods."""
     from d2sd.cli_checks import check_checkpoint
 
     drafts: dict[str, str | None] = {"draft": args.draft, "vp_draft": args.vp_draft}
@@ -354,7 +374,7 @@ def plan(argv: Sequence[str] | None) -> Plan:
     max_new_tokens = args.max_new_tokens
     if max_new_tokens is None:
         max_new_tokens = 256 if device.type == "cuda" else 32
-    mode, drafts, notes = _drafts(args)
+    mode, drafts, notes = resolve_drafts(args)
     cli_checks.check_decoding_options(
         block_size=args.block_size,
         block_size_2=args.block_size_2,
@@ -701,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         models = load_models(p)
         check_models(p, models)
         return execute(p, models)
-    except (D2SDError, _UsageError) as exc:
+    except (D2SDError, UsageError) as exc:
         message = " ".join(str(exc).split("\n"))
         print(f"d2sd.run: error: {message}", file=sys.stderr)
         return EXIT_USAGE
