@@ -56,8 +56,10 @@ class TargetModel(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.spec = spec or ModelSpec.from_hf_config(hf_model.config)
-        self.rope = Rope.from_hf_rotary(hf_model.model.rotary_emb)
         device = next(hf_model.parameters()).device
+        # built on the CPU in fp32, then placed with the weights: a CPU table would be copied to
+        # the GPU on every forward, which CUDA graph capture forbids
+        self.rope = Rope.from_hf_rotary(hf_model.model.rotary_emb).to(device)
         self.backend = get_backend(backend, device) if isinstance(backend, str) else backend
         self.tap_layer_ids = tuple(tap_layer_ids)
         self.tokenizer = tokenizer
