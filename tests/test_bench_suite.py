@@ -1,0 +1,232 @@
+"""`python -m d2sd.bench` on a tiny target: files, consistency of results.json / table.md / plots,
+resume recomputes only the missing cell, bad input is one line and exit 2; the 8B cycle
+benchmark's logic on a tiny config (`bench/bench_8b_cycle.py --tiny`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2sd import bench
+
+GSM8K = [
+    {"question": "What is 2 + 3?", "answer": "#### 5"},
+    {"question": "Add 4 and 4.", "answer": "#### 8"},
+    {"question": "Unused third prompt.", "answer": "#### 0"},
+]
+MT_BENCH = [
+    {"question_id": 81, "turns": ["Say hi.", "Say it again."]},
+    {"question_id": 82, "turns": ["Name a color.", "Another one."]},
+]
+# two tiny datasets (one multi-turn), ar + d2sd, greedy and sampled; 8 cells
+ARGV = [
+    "--datasets", "gsm8k,mt-bench", "--methods", "ar,d2sd", "--temperatures", "0,1",
+    "--max-samples", "2", "--max-new-tokens", "6", "--block-size", "4", "--topk", "2",
+    "--device", "cpu",
+]  # fmt: skip
+GENERATIONS_PER_CELL = {"gsm8k": 2, "mt-bench": 4}  # prompts x turns
+
+
+def install_tiny_target(setattr_) -> None:
+    """Make `--target default` load a tiny llama (context 512, byte tokenizer) with no shipped
+    drafters (so the drafters are random); `setattr_(obj, name, value)` is monkeypatch.setattr
+    in a test or plain setattr in a spawned process."""
+    from d2sd import models, run
+    from tests import tiny_models
+
+    _, target = tiny_models.tiny_target("llama", vocab_size=320)
+    setattr_(torch.cuda, "is_available", lambda: False)
+    setattr_(models.TargetModel, "from_hf", classmethod(lambda cls, *a, **k: target))
+    setattr_(models.loading, "resolve_target_source", lambda source: None)
+    setattr_(run, "SHIPPED_DRAFTS", {role: Path("/nonexistent") for role in run.SHIPPED_DRAFTS})
+
+
+def write_datasets(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, records in (("gsm8k_test.jsonl", GSM8K), ("mt_bench.jsonl", MT_BENCH)):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    return folder
+
+
+@pytest.fixture
+def tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[str, float]]:
+    """Tiny target + data dir; returns the log of generate calls (mode, temperature)."""
+    from d2sd.generate import Decoder
+
+    install_tiny_target(monkeypatch.setattr)
+    calls: list[tuple[str, float]] = []
+    original = Decoder.generate
+
+    def counting(self, prompt_ids, config):
+        calls.append((config.mode, config.temperature))
+        return original(self, prompt_ids, config)
+
+    monkeypatch.setattr(Decoder, "generate", counting)
+    write_datasets(tmp_path / "data")
+    return calls
+
+
+def _run(tmp_path: Path, capsys: pytest.CaptureFixture, *extra: str) -> tuple[int, str, str]:
+    argv = [*ARGV, "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out"), *extra]
+    code = bench.main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _table_cells(table: str) -> dict[tuple[str, str, str], str]:
+    """(temperature label, row, column) -> cell text of table.md."""
+    cells, temperature, header = {}, None, None
+    for line in table.splitlines():
+        if line.startswith("## Temperature "):
+            temperature, header = line.split()[2], None
+        elif line.startswith("| Dataset |"):
+            header = [c.strip() for c in line.strip("|").split("|")]
+        elif line.startswith("| ") and header and not line.startswith("|---"):
+            row = [c.strip() for c in line.strip("|").split("|")]
+            for column, text in zip(header[1:], row[1:]):
+                cells[(temperature, row[0], column)] = text
+    return cells
+
+
+def _ms_per_token(cell: dict) -> float:
+    turns = [t for p in cell["prompts"] for t in p["turns"]]
+    return 1e3 * sum(t["wall_s"] for t in turns) / sum(len(t["tokens"]) for t in turns)
+
+
+def test_suite_files_consistency_and_resume(
+    tiny: list[tuple[str, float]], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    code, out, err = _run(tmp_path, capsys)
+    assert code == 0, err
+    folder = tmp_path / "out"
+    for name in ("results.json", "table.md", "tau_hist.png", "stages.png", "speedup.png"):
+        assert (folder / name).is_file(), name
+    for name in ("tau_hist.png", "stages.png", "speedup.png"):
+        assert (folder / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    results = json.loads((folder / "results.json").read_text())
+    cells = results["cells"]
+    expected = {
+        bench.cell_key(m, d, t)
+        for m in ("ar", "d2sd")
+        for d in ("gsm8k", "mt-bench")
+        for t in (0, 1)
+    }
+    assert set(cells) == expected
+    # one untimed warm-up per cell, then every turn of every prompt
+    assert len(tiny) == 2 * 2 * (2 + sum(GENERATIONS_PER_CELL.values()))
+    assert results["settings"]["max_new_tokens"] == 6 and results["environment"]["torch"]
+    assert results["prompts"]["mt-bench"] == ["mt-bench/81", "mt-bench/82"]
+    for key, cell in cells.items():
+        turns = [t for p in cell["prompts"] for t in p["turns"]]
+        assert len(turns) == GENERATIONS_PER_CELL[cell["dataset"]], key
+        assert all(1 <= len(t["tokens"]) <= 6 for t in turns), key
+        summary = cell["summary"]
+        # every cycle commits >= 1 token, at most a verify block (γ2 = 4); ar commits exactly 1
+        assert 1 <= summary["tau"] <= 4, key
+        if cell["method"] == "ar":
+            assert summary["tau"] == 1 and summary["speedup"] == pytest.approx(1.0)
+        ar = cells[bench.cell_key("ar", cell["dataset"], cell["temperature"])]
+        assert summary["speedup"] == pytest.approx(_ms_per_token(ar) / _ms_per_token(cell))
+        assert summary["tokens"] == sum(len(t["tokens"]) for t in turns)
+        if cell["temperature"] == 0 and cell["method"] == "d2sd":
+            # fp32 on the CPU: greedy d2sd is lossless, every turn equals ar's
+            assert summary["greedy_equal_ar"] == [len(turns), len(turns)], key
+    # table.md: every cell and the average row carry the JSON's numbers
+    table = (folder / "table.md").read_text()
+    assert table in out
+    shown = _table_cells(table)
+    for temperature in ("0", "1"):
+        for method, label in (("ar", "AR"), ("d2sd", "D2SD")):
+            values = []
+            for dataset in ("gsm8k", "mt-bench"):
+                summary = cells[bench.cell_key(method, dataset, float(temperature))]["summary"]
+                values.append((summary["speedup"], summary["tau"]))
+                text = f"{summary['speedup']:.2f}x / {summary['tau']:.2f}"
+                assert shown[(temperature, dataset, label)] == text
+            mean = [sum(v[i] for v in values) / 2 for i in (0, 1)]
+            assert shown[(temperature, "**Average**", label)] == f"{mean[0]:.2f}x / {mean[1]:.2f}"
+    assert "Greedy outputs equal to AR's (turns): D2SD 6/6" in table
+
+    # resume: drop one cell; the rerun computes that cell only, and the same tokens
+    dropped = bench.cell_key("d2sd", "mt-bench", 1.0)
+    before = cells.pop(dropped)
+    (folder / "results.json").write_text(json.dumps(results))
+    tiny.clear()
+    code, _, err = _run(tmp_path, capsys)
+    assert code == 0, err
+    assert tiny == [("d2sd", 1.0)] * (1 + GENERATIONS_PER_CELL["mt-bench"])
+    again = json.loads((folder / "results.json").read_text())["cells"]
+    assert set(again) == expected
+    tokens = lambda cell: [t["tokens"] for p in cell["prompts"] for t in p["turns"]]
+    assert tokens(again[dropped]) == tokens(before)
+    # a finished run reruns nothing
+    tiny.clear()
+    code, _, _ = _run(tmp_path, capsys)
+    assert code == 0 and tiny == []
+
+    # resuming with other settings is refused
+    code, out, err = _run(tmp_path, capsys, "--max-new-tokens", "5")
+    assert code == 2 and out == ""
+    _assert_one_line_error(err, "max_new_tokens", "--out")
+
+
+def _assert_one_line_error(stderr: str, *fragments: str) -> None:
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("d2sd.bench: error: "), stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--methods", "ar,turbo"], ["--methods", "'turbo'", "d2sd"]),
+        (["--methods", ","], ["--methods", "empty"]),
+        (["--datasets", "gsm9k"], ["--datasets", "'gsm9k'", "gsm8k"]),
+        (["--temperatures", "0,hot"], ["--temperatures", "'hot'"]),
+        (["--temperatures", "-1"], ["--temperatures", ">= 0"]),
+        (["--max-samples", "0"], ["--max-samples"]),
+        (["--topk", "4"], ["--topk", "K = 4"]),  # K > γ-1 = 3 with --block-size 4
+        (["--block-size-2", "2"], ["--block-size-2"]),
+        (["--max-new-tokens", "lots"], ["--max-new-tokens", "invalid int"]),
+        (["--datasets", "humaneval"], ["humaneval.jsonl"]),  # not in the data dir
+        (["--device", "tpu"], ["--device"]),
+    ],
+)
+def test_bad_input(
+    tiny, tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], fragments: list[str]
+) -> None:
+    code, out, err = _run(tmp_path, capsys, *args)
+    assert code == 2 and out == ""
+    _assert_one_line_error(err, *fragments)
+    assert tiny == [] and not (tmp_path / "out").exists()
+
+
+def test_non_default_target_needs_drafters(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    code = bench.main(["--target", "Org/model", "--methods", "dflash", "--out", str(tmp_path)])
+    _, err = capsys.readouterr()
+    assert code == 2
+    _assert_one_line_error(err, "--methods dflash need --draft")
+
+
+def test_table_marks_missing_cells() -> None:
+    summary = lambda s, t: {"speedup": s, "tau": t}
+    results = {
+        "cells": {
+            "ar/a/t=0": {"summary": summary(1.0, 1.0)},
+            "d2sd/a/t=0": {"summary": summary(2.5, 4.25)},
+            "ar/b/t=0": {"summary": summary(1.0, 1.0)},
+        }
+    }
+    table = bench.format_bench_table(results, ["ar", "d2sd"], ["a", "b"], [0.0])
+    shown = _table_cells(table)
+    assert shown[("0", "a", "D2SD")] == "2.50x / 4.25"
+    assert shown[("0", "b", "D2SD")] == "–"
+    assert shown[("0", "**Average**", "D2SD")] == "2.50x / 4.25"  # the mean of what exists
+    assert shown[("0", "**Average**", "AR")] == "1.00x / 1.00"
+    assert re.search(r"## Temperature 0 \(greedy\)", table)
