@@ -230,3 +230,73 @@ def test_table_marks_missing_cells() -> None:
     assert shown[("0", "**Average**", "D2SD")] == "2.50x / 4.25"  # the mean of what exists
     assert shown[("0", "**Average**", "AR")] == "1.00x / 1.00"
     assert re.search(r"## Temperature 0 \(greedy\)", table)
+
+
+# ---------------------------------------------------------------------------------------------
+# bench/bench_8b_cycle.py on its tiny config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_filled_prefix_fakes_the_prompt_and_restores_prefill() -> None:
+    from bench import bench_8b_cycle as b8
+
+    target = b8.build_target(b8.TINY, torch.device("cpu"), torch.float32, "torch")
+    cache = target.allocate_cache(64, 1, 16)
+    with b8.filled_prefix(target):
+        logits, taps = target.prefill(torch.zeros(1, 40, dtype=torch.int64), cache, taps=(0, 2))
+    assert "prefill" not in vars(target)  # the real method is back
+    assert int(cache.cache_len) == 40
+    assert logits.shape == (1, 512) and taps.shape == (40, 2 * 64)
+    assert cache.k_cache[:, :40].std() > 0.5 and cache.v_cache[:, :40].std() > 0.5
+    assert not cache.k_cache[:, 40:].any()  # rows past the prefix untouched
+
+
+def test_8b_cycle_tiny_times_the_decoders_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from bench import bench_8b_cycle as b8
+    from d2sd import steps
+
+    # the timed cycles are the Decoder's own steps, run against a cache of the asked prefix
+    seen: dict[str, list[int]] = {"verify": [], "ar": []}
+    verify, ar_step = steps.verify, steps.ar_step
+
+    def counting_verify(target, cache, *args, **kwargs):
+        seen["verify"].append(int(cache.cache_len))
+        return verify(target, cache, *args, **kwargs)
+
+    def counting_ar(target, sampling, state):
+        seen["ar"].append(int(state.target_cache.cache_len))
+        return ar_step(target, sampling, state)
+
+    monkeypatch.setattr(steps, "verify", counting_verify)
+    monkeypatch.setattr(steps, "ar_step", counting_ar)
+    argv = ["--tiny", "--prefixes", "16,64", "--cycles", "3", "--repeats", "1", "--tau", "6"]
+    assert b8.main([*argv, "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "proj_d2sd@7.05" in out
+    # per mode and prefix: one untimed + one timed generation of <= 3 cycles, each cycle at a
+    # cache of prefix + the tokens committed since (>= 1 per cycle, at most 3 cycles of 16)
+    for prefix in (16, 64):
+        lens = [n for n in seen["verify"] if prefix <= n < prefix + 3 * 16]
+        assert len(lens) >= 2 * 2, prefix  # dflash and d2sd, two generations each
+        assert any(n == prefix for n in seen["ar"])
+    assert set(seen["verify"]) <= set(range(16, 16 + 48)) | set(range(64, 64 + 48))
+
+    (path,) = tmp_path.glob("8b_cycle-tiny-*.json")
+    saved = json.loads(path.read_text())
+    assert saved["config"]["gamma"] == 16 and saved["config"]["topk"] == 4
+    rows = saved["rows"]
+    assert [(r["backend"], r["prefix"]) for r in rows] == [("torch", 16), ("torch", 64)]
+    for row in rows:
+        stages = row["d2sd_stages_ms"]
+        assert set(stages) == {"draft1", "select", "draft2", "verify", "accept_commit"}
+        assert set(row["dflash_stages_ms"]) == {"draft1", "verify", "accept_commit"}
+        assert all(ms > 0 for ms in stages.values())
+        assert row["T_d2sd_ms"] == pytest.approx(sum(stages.values()))
+        assert row["T_ar_ms"] > 0 and row["d2sd/ar"] == pytest.approx(
+            row["T_d2sd_ms"] / row["T_ar_ms"]
+        )
+        assert row["proj_d2sd@tau"] == pytest.approx(6 * row["T_ar_ms"] / row["T_d2sd_ms"])
+        assert row["proj_d2sd@7.05"] == pytest.approx(7.05 * row["T_ar_ms"] / row["T_d2sd_ms"])
+        assert row["proj_dflash@5.31"] == pytest.approx(5.31 * row["T_ar_ms"] / row["T_dflash_ms"])
