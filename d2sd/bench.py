@@ -16,14 +16,16 @@ Numbers (`d2sd.report.RunStats`, pooled over the cell's turns):
   prompts in the same run (multi-turn: each method answers its own turns, so sampled second turns
   can differ in prompt; greedy ones agree wherever the outputs do);
 - τ = tokens committed per cycle, pooled over cycles (`ar`: 1).
-Each cell first runs one short untimed generation (compilation, graph capture, allocation).
+Each cell first runs one short untimed generation (compilation, graph capture, allocation). Steps
+run as CUDA graphs on CUDA, except with `--backend flashinfer` (it syncs on cache_len: eager).
 
 Files in `--out` (default `runs/bench-<date>`), written by rank 0:
-- `results.json`: settings, environment (`bench/_harness.environment()`), per-prompt records and a
-  summary (RunStats.to_dict() + speedup + the greedy check) of every cell. A cell is written, by an
-  atomic rename, as soon as it finishes; a rerun with the same `--out` and settings skips the
-  finished cells (resume), so an interrupted run loses at most the cell it was in. Summaries are
-  recomputed from the records on every write (a rerun AR cell updates every speedup).
+- `results.json`: settings, environment (`bench/_harness.environment()`), prompt ids per dataset, and
+  per cell its per-prompt records, when and where it ran, and a summary (RunStats.to_dict() +
+  speedup + the greedy check). A cell is written, by an atomic rename, as soon as it finishes; a
+  rerun with the same `--out` and settings skips the finished cells (resume), so an interrupted
+  run loses at most the cell it was in. Summaries are recomputed from the records on every write
+  (a rerun AR cell updates every speedup).
 - `table.md`: rows = datasets + an average row (mean of the per-dataset numbers), columns = methods,
   each cell "speedup x / τ", one block per temperature; the numbers are the summaries', rounded.
 - `tau_hist.png`, `stages.png`, `speedup.png` (d2sd.plots; skipped with a note without matplotlib).
@@ -330,6 +332,8 @@ class BenchPlan:
             temperature=temperature,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             seed=a.seed,
+            # FlashInfer's path reads cache_len on the host: it cannot be graph-captured
+            cuda_graphs=self.backend != "flashinfer",
         )
 
     def settings(self) -> dict[str, Any]:
@@ -457,6 +461,8 @@ def plan(argv: Sequence[str] | None, world: Any = None) -> BenchPlan:
         argparse.Namespace(**vars(args), mode=bench_plan.run_mode)
     )
     bench_plan.drafts, bench_plan.notes = drafts, notes
+    if backend == "flashinfer":
+        notes.append("--backend flashinfer runs eagerly (it syncs on cache_len: no CUDA graphs)")
     for name in datasets:
         bench_plan.samples[name] = load_dataset_prompts(
             name, data_dir=args.data_dir, max_samples=args.max_samples, online=args.online
@@ -642,8 +648,8 @@ def format_bench_table(
         f"target `{settings.get('target')}`, {hardware}, {settings.get('dtype')}, backend "
         f"{settings.get('backend')}; γ = {settings.get('block_size')}, γ2 = "
         f"{settings.get('block_size_2')}, K = {settings.get('topk')}, "
-        f"{settings.get('verify_layout')} verify; {settings.get('max_samples')} prompts per "
-        f"dataset, {settings.get('max_new_tokens')} new tokens per turn.",
+        f"{settings.get('verify_layout')} verify; at most {settings.get('max_samples')} prompts "
+        f"per dataset, {settings.get('max_new_tokens')} new tokens per turn.",
         "",
         "Each cell: speedup over AR (ms/token, same prompts, same run) / τ (tokens per cycle).",
     ]
@@ -833,6 +839,9 @@ class _Suite:
             "method": method,
             "dataset": dataset,
             "temperature": temperature,
+            "finished": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+            "device": str(self.bp.device),
+            "world_size": self.world.size,
             "prompts": prompts,
         }
 

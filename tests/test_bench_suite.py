@@ -174,6 +174,41 @@ def test_suite_files_consistency_and_resume(
     _assert_one_line_error(err, "max_new_tokens", "--out")
 
 
+def test_interrupt_keeps_the_finished_cells(
+    tiny: list[tuple[str, float]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    from d2sd.generate import Decoder
+
+    counting = Decoder.generate
+    stop_at = 2 * (1 + GENERATIONS_PER_CELL["gsm8k"]) + 2  # inside the third cell (ar/mt-bench/t=0)
+
+    def interrupted(self, prompt_ids, config):
+        if len(tiny) + 1 == stop_at:
+            raise KeyboardInterrupt
+        return counting(self, prompt_ids, config)
+
+    monkeypatch.setattr(Decoder, "generate", interrupted)
+    code, out, err = _run(tmp_path, capsys)
+    assert code == 130
+    assert "interrupted: 2 finished cell(s) kept" in err
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(saved["cells"]) == {"ar/gsm8k/t=0", "d2sd/gsm8k/t=0"}
+    assert "| gsm8k | 1.00x / 1.00 |" in (tmp_path / "out" / "table.md").read_text()
+    assert "| mt-bench | – | – |" in out
+
+
+def test_help_states_every_default() -> None:
+    actions = [a for a in bench.build_parser()._actions if a.dest != "help"]
+    assert all("(default:" in (a.help or "") for a in actions), [
+        a.dest for a in actions if "(default:" not in (a.help or "")
+    ]
+    text = bench.build_parser().format_help()
+    assert "torchrun --nproc_per_node" in text and "exit codes" in text
+
+
 def _assert_one_line_error(stderr: str, *fragments: str) -> None:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
