@@ -44,6 +44,93 @@ def time_us(fn: Callable[[], object], *, cuda_graph: bool = False, rep_ms: int =
     return {"us": med * 1e3, "p20_us": p20 * 1e3, "p80_us": p80 * 1e3}
 
 
+def baseline(measure: Callable[[], object]) -> object | None:
+    """Run a baseline measurement; a failing baseline (API drift, out of memory) prints one line
+    and gives None instead of losing the whole table. Our own kernel is never wrapped."""
+    try:
+        return measure()
+    except Exception as err:  # report and continue: the columns of that baseline stay empty
+        print(f"  baseline failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
+        torch.cuda.synchronize()
+        return None
+
+
+def _ratio(theirs: dict | None, ours_us: float) -> float | None:
+    return None if theirs is None else theirs["us"] / ours_us
+
+
+def time_ours(fn: Callable[[], object], *, bytes_moved: float, flops: float, rep_ms: int) -> dict:
+    """Row columns of our op: `us`/`p20_us`/`p80_us` replayed in a CUDA graph, `eager_us` launched
+    from Python, `GB/s` (`bytes_moved` over the graphed time), `roof%` (roofline / `us`) and
+    `roofline_us`. Call `fn` once before (compile and autotune stay outside the timings)."""
+    graph = time_us(fn, cuda_graph=True, rep_ms=rep_ms)
+    eager = time_us(fn, rep_ms=rep_ms)
+    roof = roofline_us(bytes_moved, flops)
+    return {
+        "us": graph["us"], "p20_us": graph["p20_us"], "p80_us": graph["p80_us"],
+        "eager_us": eager["us"], "GB/s": bytes_moved / graph["us"] * 1e-3,
+        "roof%": 100 * roof / graph["us"], "roofline_us": roof,
+    }  # fmt: skip
+
+
+def time_baseline(
+    name: str,
+    ours: dict,
+    fn: Callable[[], object] | None = None,
+    *,
+    build: Callable[[], Callable[[], object]] | None = None,
+    rep_ms: int,
+    graphed: bool = False,
+) -> dict:
+    """Row columns of a baseline that may fail: `<name>_us` launched eagerly and `x_<name>` = its
+    time / our `eager_us`; with `graphed`, also `<name>_graph_us` replayed in a CUDA graph and
+    `x_<name>_graph` against our graphed `us`. `ours` is `time_ours`'s row.
+
+    The baseline is `fn`, or the call `build()` returns (its setup stays outside the timings and
+    may fail like the timings themselves, see `baseline`). Failed columns are None, as are all
+    where neither is given (the baseline is not available).
+    """
+    if build is not None:
+        fn = baseline(build)
+    eager = graph = None
+    if fn is not None:
+        eager = baseline(lambda: time_us(fn, rep_ms=rep_ms))
+        if graphed:
+            graph = baseline(lambda: time_us(fn, cuda_graph=True, rep_ms=rep_ms))
+    columns = {f"{name}_us": eager and eager["us"], f"x_{name}": _ratio(eager, ours["eager_us"])}
+    if graphed:
+        columns[f"{name}_graph_us"] = graph and graph["us"]
+        columns[f"x_{name}_graph"] = _ratio(graph, ours["us"])
+    return columns
+
+
+# The timing columns of `time_vs_ref`'s rows, in table order (the speedup column follows).
+VS_REF_COLUMNS = ("us", "p20_us", "p80_us", "GB/s", "roofline_us", "ref_us")
+
+
+def time_vs_ref(
+    fn: Callable[[], object],
+    ref_fn: Callable[[], object],
+    bytes_moved: float,
+    *,
+    ref_cuda_graph: bool = True,
+    speedup_key: str = "speedup_vs_ref",
+) -> dict:
+    """Row columns of a launch-bound op against its torch reference: ours replayed in a CUDA graph
+    (`us`/`p20_us`/`p80_us`), `GB/s` = `bytes_moved` / `us`, `roofline_us` (bytes only), `ref_us`
+    (the reference graphed, or eager where `ref_cuda_graph` is False, e.g. one that syncs) and
+    `speedup_key` = `ref_us` / `us`."""
+    ours = time_us(fn, cuda_graph=True)
+    ref = time_us(ref_fn, cuda_graph=ref_cuda_graph)
+    return {
+        **ours,
+        "GB/s": bytes_moved / ours["us"] * 1e-3,
+        "roofline_us": roofline_us(bytes_moved, 0.0),
+        "ref_us": ref["us"],
+        speedup_key: ref["us"] / ours["us"],
+    }
+
+
 def environment() -> dict:
     """GPU, library versions and date, stamped into every results file."""
     env = {

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bench._flashinfer_ref import MultiLevelCascade, cascade_sequence, flashinfer_module
-from bench._harness import print_table, roofline_us, time_us
+from bench._harness import baseline, print_table, time_baseline, time_ours
 from kernels.cascade_attention import cascade_attention
 
 # name -> (Hq, Hkv, head_dim)
@@ -120,36 +120,19 @@ def _sdpa_inputs(x: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, t
     )
 
 
-def baseline(measure: Callable[[], object]) -> object | None:
-    """Run a baseline measurement; a failing baseline (API drift, out of memory) prints one line
-    and gives None instead of losing the whole table. Our own kernel is never wrapped."""
-    try:
-        return measure()
-    except Exception as err:  # report and continue: the columns of that baseline stay empty
-        print(f"  baseline failed: {type(err).__name__}: {str(err).splitlines()[0][:200]}")
-        torch.cuda.synchronize()
-        return None
-
-
-def _time_multilevel(x: Inputs) -> dict:
+def _multilevel(x: Inputs) -> Callable[[], object]:
+    """FlashInfer's two-level cascade over x, planned and run once (both outside the timings)."""
     cascade = MultiLevelCascade(
         x.k_prefix, x.v_prefix, x.k_local, x.v_local, x.q.shape[2], causal=True
     )
     q_flat = x.q.flatten(0, 1)
     cascade.run(q_flat)
-    return time_us(lambda: cascade.run(q_flat), rep_ms=REP_MS)
+    return lambda: cascade.run(q_flat)
 
 
-def _time_sdpa(x: Inputs) -> dict:
+def _sdpa(x: Inputs) -> Callable[[], object]:
     q, k, v, mask = _sdpa_inputs(x)
-    return time_us(
-        lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True),
-        rep_ms=REP_MS,
-    )
-
-
-def _ratio(theirs: dict | None, ours: dict) -> float | None:
-    return None if theirs is None else theirs["us"] / ours["us"]
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
 def _measure(model: str, batch: int, seq: int, prefix_len: int, fi: object | None) -> dict:
@@ -164,28 +147,24 @@ def _measure(model: str, batch: int, seq: int, prefix_len: int, fi: object | Non
         return cascade_sequence(x.q, x.k_prefix, x.v_prefix, x.k_local, x.v_local, causal=True)
 
     out = ours()  # compile + autotune outside the timings
-    graph = time_us(ours, cuda_graph=True, rep_ms=REP_MS)
-    eager = time_us(ours, rep_ms=REP_MS)
-    roof = roofline_us(traffic_bytes(x), attention_flops(x, prefix_len + seq))
-    fi_eager = fi_graph = ml = err = None
-    if fi is not None:
+    timed = time_ours(
+        ours,
+        bytes_moved=traffic_bytes(x),
+        flops=attention_flops(x, prefix_len + seq),
+        rep_ms=REP_MS,
+    )
+    with_fi = fi is not None
+    err = None
+    if with_fi:
         err = baseline(lambda: (out.float() - torch.stack(reference()).float()).abs().max().item())
-        fi_eager = baseline(lambda: time_us(reference, rep_ms=REP_MS))
-        fi_graph = baseline(lambda: time_us(reference, cuda_graph=True, rep_ms=REP_MS))
-        if prefix_len > 0:
-            ml = baseline(lambda: _time_multilevel(x))
-    sdpa = baseline(lambda: _time_sdpa(x))
-    return {
-        "model": model, "B": batch, "T": seq, "L": prefix_len,
-        "us": graph["us"], "p20_us": graph["p20_us"], "p80_us": graph["p80_us"],
-        "eager_us": eager["us"], "GB/s": traffic_bytes(x) / graph["us"] * 1e-3,
-        "roof%": 100 * roof / graph["us"], "roofline_us": roof,
-        "fi_us": fi_eager and fi_eager["us"], "x_fi": _ratio(fi_eager, eager),
-        "fi_graph_us": fi_graph and fi_graph["us"], "x_fi_graph": _ratio(fi_graph, graph),
-        "ml_us": ml and ml["us"], "x_ml": _ratio(ml, eager),
-        "sdpa_us": sdpa and sdpa["us"], "x_sdpa": _ratio(sdpa, eager),
-        "err_fi": err,
-    }  # fmt: skip
+    # the baselines are timed in column order: fi (eager, graphed), ml, sdpa
+    row = {"model": model, "B": batch, "T": seq, "L": prefix_len, **timed}
+    row |= time_baseline("fi", timed, reference if with_fi else None, rep_ms=REP_MS, graphed=True)
+    multilevel = (lambda: _multilevel(x)) if with_fi and prefix_len > 0 else None
+    row |= time_baseline("ml", timed, build=multilevel, rep_ms=REP_MS)
+    row |= time_baseline("sdpa", timed, build=lambda: _sdpa(x), rep_ms=REP_MS)
+    row["err_fi"] = err
+    return row
 
 
 def run(quick: bool) -> list[dict]:

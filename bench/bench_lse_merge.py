@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from bench._flashinfer_ref import flashinfer_module
-from bench._harness import print_table, roofline_us, time_us
-from bench.bench_cascade_attention import REP_MS, _ratio, baseline
+from bench._harness import print_table, time_baseline, time_ours
+from bench.bench_cascade_attention import REP_MS
 from kernels._attention import merge_ref
 from kernels.lse_merge import lse_merge
 
@@ -43,28 +43,13 @@ def _measure(model: str, tokens: int, heads: int, head_dim: int, fi: object | No
         return lse_merge(o_a, lse_a, o_b, lse_b)
 
     ours()
-    graph = time_us(ours, cuda_graph=True, rep_ms=REP_MS)
-    eager = time_us(ours, rep_ms=REP_MS)
     traffic = 3 * o_a.numel() * o_a.element_size() + 3 * 4 * lse_a.numel()
-    roof = roofline_us(traffic, 0.0)
-    fi_eager = fi_graph = None
-    if fi is not None:
-
-        def reference():
-            return fi.merge_state(o_a, lse_a, o_b, lse_b)
-
-        fi_eager = baseline(lambda: time_us(reference, rep_ms=REP_MS))
-        fi_graph = baseline(lambda: time_us(reference, cuda_graph=True, rep_ms=REP_MS))
-    torch_eager = time_us(lambda: merge_ref(o_a, lse_a, o_b, lse_b), rep_ms=REP_MS)
-    return {
-        "model": model, "N": tokens, "H": heads, "D": head_dim,
-        "us": graph["us"], "p20_us": graph["p20_us"], "p80_us": graph["p80_us"],
-        "eager_us": eager["us"], "GB/s": traffic / graph["us"] * 1e-3,
-        "roof%": 100 * roof / graph["us"], "roofline_us": roof,
-        "fi_us": fi_eager and fi_eager["us"], "x_fi": _ratio(fi_eager, eager),
-        "fi_graph_us": fi_graph and fi_graph["us"], "x_fi_graph": _ratio(fi_graph, graph),
-        "torch_us": torch_eager["us"], "x_torch": _ratio(torch_eager, eager),
-    }  # fmt: skip
+    timed = time_ours(ours, bytes_moved=traffic, flops=0.0, rep_ms=REP_MS)
+    reference = None if fi is None else lambda: fi.merge_state(o_a, lse_a, o_b, lse_b)
+    row = {"model": model, "N": tokens, "H": heads, "D": head_dim, **timed}
+    row |= time_baseline("fi", timed, reference, rep_ms=REP_MS, graphed=True)
+    row |= time_baseline("torch", timed, lambda: merge_ref(o_a, lse_a, o_b, lse_b), rep_ms=REP_MS)
+    return row
 
 
 def run(quick: bool) -> list[dict]:

@@ -14,15 +14,13 @@ import itertools
 import torch
 
 from bench._flashinfer_ref import flashinfer_module, prefix_prefill
-from bench._harness import print_table, roofline_us, time_us
+from bench._harness import baseline, print_table, time_baseline, time_ours
 from bench.bench_cascade_attention import (
     BATCHES,
     HEADS,
     REP_MS,
     SEQS,
-    _ratio,
     attention_flops,
-    baseline,
     make_inputs,
 )
 from kernels.prefix_attention import prefix_attention
@@ -50,8 +48,6 @@ def _measure(model: str, batch: int, seq: int, prefix_len: int, fi: object | Non
         return prefix_prefill(x.q, x.k_prefix, x.v_prefix)
 
     out, _ = ours()
-    graph = time_us(ours, cuda_graph=True, rep_ms=REP_MS)
-    eager = time_us(ours, rep_ms=REP_MS)
     elt = x.q.element_size()
     traffic = (
         elt * 2 * prefix_len * x.k_cache.shape[1] * x.k_cache.shape[2]
@@ -59,21 +55,17 @@ def _measure(model: str, batch: int, seq: int, prefix_len: int, fi: object | Non
         + 4 * x.q.numel()  # o in fp32
         + 4 * x.q.numel() // x.q.shape[3]  # lse
     )
-    roof = roofline_us(traffic, attention_flops(x, prefix_len))
-    fi_eager = fi_graph = err = None
-    if fi is not None:
+    timed = time_ours(
+        ours, bytes_moved=traffic, flops=attention_flops(x, prefix_len), rep_ms=REP_MS
+    )
+    with_fi = fi is not None
+    err = None
+    if with_fi:
         err = baseline(lambda: (out - reference()[0].float()).abs().max().item())
-        fi_eager = baseline(lambda: time_us(reference, rep_ms=REP_MS))
-        fi_graph = baseline(lambda: time_us(reference, cuda_graph=True, rep_ms=REP_MS))
-    return {
-        "model": model, "B": batch, "T": seq, "L": prefix_len,
-        "us": graph["us"], "p20_us": graph["p20_us"], "p80_us": graph["p80_us"],
-        "eager_us": eager["us"], "GB/s": traffic / graph["us"] * 1e-3,
-        "roof%": 100 * roof / graph["us"], "roofline_us": roof,
-        "fi_us": fi_eager and fi_eager["us"], "x_fi": _ratio(fi_eager, eager),
-        "fi_graph_us": fi_graph and fi_graph["us"], "x_fi_graph": _ratio(fi_graph, graph),
-        "err_fi": err,
-    }  # fmt: skip
+    row = {"model": model, "B": batch, "T": seq, "L": prefix_len, **timed}
+    row |= time_baseline("fi", timed, reference if with_fi else None, rep_ms=REP_MS, graphed=True)
+    row["err_fi"] = err
+    return row
 
 
 def run(quick: bool) -> list[dict]:
