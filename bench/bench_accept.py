@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from bench._harness import print_table, roofline_us, time_us
+from bench._harness import VS_REF_COLUMNS, print_table, time_vs_ref
 from kernels.accept import accept, accept_ref, sample_tokens, sample_tokens_ref
 
 MODES = {
@@ -29,8 +29,6 @@ NUM_BRANCHES = 5  # K = 4 branches + the first draft
 
 
 def _row(op, vocab, num_branches, depth, mode, dtype, fn, ref_fn, num_bytes) -> dict:
-    t = time_us(fn, cuda_graph=True)
-    ref = time_us(ref_fn, cuda_graph=True)
     return {
         "op": op,
         "vocab": vocab,
@@ -38,11 +36,7 @@ def _row(op, vocab, num_branches, depth, mode, dtype, fn, ref_fn, num_bytes) -> 
         "T": depth,
         "mode": mode,
         "dtype": str(dtype).removeprefix("torch."),
-        **t,
-        "GB/s": num_bytes / (t["us"] * 1e-6) / 1e9,
-        "roofline_us": roofline_us(num_bytes, 0.0),
-        "ref_us": ref["us"],
-        "speedup_vs_ref": ref["us"] / t["us"],
+        **time_vs_ref(fn, ref_fn, num_bytes),
     }
 
 
@@ -84,21 +78,7 @@ def run(quick: bool) -> list[dict]:
     print_table(
         "accept / sample_tokens (CUDA graph; µs median [p20, p80]; ref = torch reference, graphed)",
         rows,
-        [
-            "op",
-            "vocab",
-            "B",
-            "T",
-            "mode",
-            "dtype",
-            "us",
-            "p20_us",
-            "p80_us",
-            "GB/s",
-            "roofline_us",
-            "ref_us",
-            "speedup_vs_ref",
-        ],
+        ["op", "vocab", "B", "T", "mode", "dtype", *VS_REF_COLUMNS, "speedup_vs_ref"],
     )
     return rows
 

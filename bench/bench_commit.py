@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from bench._harness import print_table, roofline_us, time_us
+from bench._harness import VS_REF_COLUMNS, print_table, time_vs_ref
 from kernels.commit import commit, commit_ref
 
 MODELS = {  # layers, kv heads, head_dim, hidden
@@ -58,8 +58,6 @@ def run(quick: bool) -> list[dict]:
                     hidden_src,
                     hidden_dst,
                 )
-                t = time_us(lambda a=args: commit(*a), cuda_graph=True)
-                ref = time_us(lambda a=args: commit_ref(*a), cuda_graph=True)
                 num_bytes = 2 * layers * depth * kv_heads * head_dim * 2 * 2
                 num_bytes += depth * hh * 2 * 2 if with_hidden else 0
                 rows.append(
@@ -68,28 +66,15 @@ def run(quick: bool) -> list[dict]:
                         "model": model,
                         "T": depth,
                         "hidden": hh if with_hidden else 0,
-                        **t,
-                        "GB/s": num_bytes / (t["us"] * 1e-6) / 1e9,
-                        "roofline_us": roofline_us(num_bytes, 0.0),
-                        "ref_us": ref["us"],
-                        "speedup_vs_ref": ref["us"] / t["us"],
+                        **time_vs_ref(
+                            lambda a=args: commit(*a), lambda a=args: commit_ref(*a), num_bytes
+                        ),
                     }
                 )
     print_table(
         "commit (CUDA graph; µs median [p20, p80]; ref = torch reference, graphed)",
         rows,
-        [
-            "model",
-            "T",
-            "hidden",
-            "us",
-            "p20_us",
-            "p80_us",
-            "GB/s",
-            "roofline_us",
-            "ref_us",
-            "speedup_vs_ref",
-        ],
+        ["model", "T", "hidden", *VS_REF_COLUMNS, "speedup_vs_ref"],
     )
     return rows
 

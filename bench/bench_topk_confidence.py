@@ -13,24 +13,11 @@ import math
 
 import torch
 
-from bench._harness import print_table, roofline_us, time_us
+from bench._harness import VS_REF_COLUMNS, print_table, time_vs_ref
 from kernels.topk_confidence import topk_confidence, topk_confidence_ref
 
 MASK_TOKEN = 151669
-COLUMNS = [
-    "vocab",
-    "gamma",
-    "gamma2",
-    "K",
-    "dtype",
-    "us",
-    "p20_us",
-    "p80_us",
-    "GB/s",
-    "roofline_us",
-    "ref_us",
-    "x_ref",
-]
+COLUMNS = ["vocab", "gamma", "gamma2", "K", "dtype", *VS_REF_COLUMNS, "x_ref"]
 
 
 def _logits(num_rows: int, vocab: int) -> torch.Tensor:
@@ -51,8 +38,6 @@ def run(quick: bool = False) -> list[dict]:
         logits = _logits(gamma - 1, vocab)
         anchor = torch.tensor([1], device="cuda")
         args = (logits, anchor, num_branches, gamma2, MASK_TOKEN)
-        kernel = time_us(lambda a=args: topk_confidence(*a), cuda_graph=True)
-        ref = time_us(lambda a=args: topk_confidence_ref(*a), cuda_graph=True)
         nbytes = logits.numel() * logits.element_size() + (gamma - 1) * (8 + 4 + 4)
         nbytes += num_branches * (4 + 8 * gamma2)
         rows.append(
@@ -63,11 +48,12 @@ def run(quick: bool = False) -> list[dict]:
                 "gamma2": gamma2,
                 "K": num_branches,
                 "dtype": "bf16",
-                **kernel,
-                "GB/s": nbytes / kernel["us"] * 1e-3,
-                "roofline_us": roofline_us(nbytes, 0),
-                "ref_us": ref["us"],
-                "x_ref": ref["us"] / kernel["us"],
+                **time_vs_ref(
+                    lambda a=args: topk_confidence(*a),
+                    lambda a=args: topk_confidence_ref(*a),
+                    nbytes,
+                    speedup_key="x_ref",
+                ),
             }
         )
     print_table("topk_confidence (CUDA graph replay; bytes = logits + outputs)", rows, COLUMNS)
