@@ -747,6 +747,10 @@ def run_share(
     return share
 
 
+class _SharedError(D2SDError):
+    """An error every rank raises alike (rank 0's verdict after a collective): printed once."""
+
+
 def _environment(bench_plan: BenchPlan) -> dict[str, Any]:
     """bench/_harness.environment() (where the repository's bench package is importable) plus
     the run's device and world size."""
@@ -824,14 +828,15 @@ class _Suite:
             )
             payload = {"share": share}
         except D2SDError as exc:
-            payload = {"error": str(exc)}
+            where = f" (on rank {self.world.rank})" if self.world.distributed else ""
+            payload = {"error": f"{exc}{where}"}
         parts = gather_to_main(payload, self.world)
         verdict = None
         if parts is not None:
             verdict = next((p["error"] for p in parts if "error" in p), None)
         verdict = broadcast_from_main(verdict, self.world)
         if verdict is not None:
-            raise D2SDError(verdict)
+            raise _SharedError(verdict)
         if parts is None:
             return None
         prompts = merge_shards([p["share"] for p in parts], count=len(samples))
@@ -906,7 +911,7 @@ def execute(bench_plan: BenchPlan) -> int:
             problem = str(exc)
     problem, finished = broadcast_from_main((problem, finished), world)
     if problem is not None:
-        raise D2SDError(problem)
+        raise _SharedError(problem)
     if main_rank:
         for note in bench_plan.notes:
             print(f"note: {note}", file=sys.stderr)
@@ -975,18 +980,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     from d2sd.run import UsageError
 
     world = None
+    planned = False  # options and prompts are checked alike on every rank: report those once
     try:
         world = distributed.world_from_env()
         bench_plan = plan(argv, world)
+        planned = True
         distributed.init_process_group(world)
         try:
             return execute(bench_plan)
         finally:
             distributed.shutdown(world)
     except (D2SDError, UsageError) as exc:
-        if world is None or world.is_main:
+        shared = not planned or isinstance(exc, _SharedError)
+        if world is None or world.is_main or not shared:
+            rank = f" (rank {world.rank})" if not shared and world.distributed else ""
             message = " ".join(str(exc).split("\n"))
-            print(f"d2sd.bench: error: {message}", file=sys.stderr)
+            print(f"d2sd.bench: error{rank}: {message}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # while loading: nothing finished
         print("\ninterrupted", file=sys.stderr)

@@ -335,3 +335,60 @@ def test_8b_cycle_tiny_times_the_decoders_steps(
         assert row["proj_d2sd@tau"] == pytest.approx(6 * row["T_ar_ms"] / row["T_d2sd_ms"])
         assert row["proj_d2sd@7.05"] == pytest.approx(7.05 * row["T_ar_ms"] / row["T_d2sd_ms"])
         assert row["proj_dflash@5.31"] == pytest.approx(5.31 * row["T_ar_ms"] / row["T_dflash_ms"])
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU: the CUDA defaults (bf16, triton, CUDA graphs, warm-up) through the suite and the 8B script
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+def test_suite_on_cuda(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from d2sd import models, run
+    from tests import tiny_models
+
+    hf = tiny_models.tiny_hf_model("llama", vocab_size=320)
+    tokenizer = tiny_models.tiny_tokenizer()
+
+    def from_hf(cls, source, *, dtype, device, backend):
+        return cls(hf.to(device=device, dtype=dtype), backend, tokenizer=tokenizer)
+
+    monkeypatch.setattr(models.TargetModel, "from_hf", classmethod(from_hf))
+    monkeypatch.setattr(models.loading, "resolve_target_source", lambda source: None)
+    monkeypatch.setattr(
+        run, "SHIPPED_DRAFTS", {role: Path("/nonexistent") for role in run.SHIPPED_DRAFTS}
+    )
+    data = write_datasets(tmp_path / "data")
+    argv = [a for a in ARGV if a not in ("--device", "cpu")]
+    argv = [*argv, "--methods", "ar,dflash,d2sd", "--max-new-tokens", "24"]
+    code = bench.main([*argv, "--data-dir", str(data), "--out", str(tmp_path / "out")])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["settings"]["device_type"] == "cuda"
+    assert results["settings"]["backend"] == "triton"
+    assert results["settings"]["dtype"] == "bfloat16"
+    assert len(results["cells"]) == 3 * 2 * 2
+    for key, cell in results["cells"].items():
+        summary = cell["summary"]
+        assert 1 <= summary["tau"] <= 4 and summary["speedup"] > 0, key
+        assert {"prefill"} < set(summary["stage_ms"]), key
+
+
+@pytest.mark.gpu
+def test_8b_cycle_tiny_on_cuda(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from bench import bench_8b_cycle as b8
+
+    argv = ["--tiny", "--backends", "triton", "--prefixes", "64,1024", "--cycles", "4"]
+    assert b8.main([*argv, "--repeats", "2", "--out-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    (path,) = tmp_path.glob("8b_cycle-tiny-*.json")
+    rows = json.loads(path.read_text())["rows"]
+    assert [(r["backend"], r["prefix"], r["cuda_graphs"]) for r in rows] == [
+        ("triton", 64, True),
+        ("triton", 1024, True),
+    ]
+    for row in rows:
+        assert row["T_ar_ms"] > 0 and row["T_d2sd_ms"] > row["verify_ms"] > 0

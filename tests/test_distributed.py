@@ -98,8 +98,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank: int, port: int, argv: list[str]) -> None:
-    """One torchrun-like rank (spawned): the tiny target, then the suite's main."""
+def _rank_main(
+    rank: int, port: int, argv: list[str], expect_code: int = 0, fail_rank: int | None = None
+) -> None:
+    """One torchrun-like rank (spawned): the tiny target, then the suite's main, which must exit
+    with `expect_code`; rank `fail_rank`'s generations raise a D2SDError."""
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -113,14 +116,21 @@ def _rank_main(rank: int, port: int, argv: list[str]) -> None:
     from tests.test_bench_suite import install_tiny_target
 
     install_tiny_target(setattr)
+    if rank == fail_rank:
+        from d2sd.generate import Decoder
+
+        def fail(self, prompt_ids, config):
+            raise D2SDError(f"boom on rank {rank}")
+
+        Decoder.generate = fail
     code = bench.main(argv)
-    if code != 0:
-        raise RuntimeError(f"rank {rank}: d2sd.bench exited with {code}")
+    if code != expect_code:
+        raise RuntimeError(f"rank {rank}: d2sd.bench exited with {code}, not {expect_code}")
 
 
-def _spawn_two_ranks(argv: list[str]) -> None:
+def _spawn_two_ranks(argv: list[str], *more: object) -> None:
     context = mp.start_processes(
-        _rank_main, args=(_free_port(), argv), nprocs=2, join=False, start_method="spawn"
+        _rank_main, args=(_free_port(), argv, *more), nprocs=2, join=False, start_method="spawn"
     )
     deadline = time.monotonic() + TIMEOUT_S
     try:
@@ -159,3 +169,17 @@ def test_two_gloo_ranks_gather_the_one_process_tokens(
         tokens = lambda c: [[t["tokens"] for t in p["turns"]] for p in c["prompts"]]
         assert tokens(gathered) == tokens(cell), key
         assert gathered["summary"]["tokens"] == cell["summary"]["tokens"]
+
+
+def test_an_error_on_one_rank_stops_every_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # rank 1 fails inside the first cell; rank 0 must not wait for it forever: both exit 2
+    from tests.test_bench_suite import write_datasets
+
+    data = write_datasets(tmp_path / "data")
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    argv = [*ARGV, "--datasets", "gsm8k", "--temperatures", "0", "--data-dir", str(data)]
+    _spawn_two_ranks([*argv, "--out", str(tmp_path / "out")], 2, 1)
+    assert not (tmp_path / "out" / "results.json").exists()  # no cell finished
