@@ -4,7 +4,7 @@ PY ?= python3
 TORCH_SPEC ?= torch==2.13.0
 INTERPRET := TRITON_INTERPRET=1
 
-.PHONY: help install test test-gpu bench-kernels bench run lint format
+.PHONY: help install test test-gpu bench-kernels bench bench-8b run lint format
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
@@ -25,8 +25,11 @@ test-gpu:  ## GPU suite (needs CUDA): kernels vs references and FlashInfer, loss
 bench-kernels:  ## per-kernel microbenchmarks on the GPU; JSON into bench/results/
 	$(PY) -m bench.kernels
 
-bench:  ## end-to-end benchmark suite
+bench: install  ## end-to-end suite: methods x datasets x temperatures (table.md, results.json, plots)
 	$(PY) -m d2sd.bench
+
+bench-8b:  ## per-stage cycle cost at Qwen3-8B scale on the GPU (random bf16 weights)
+	$(PY) -m bench.cycle_8b
 
 run: install  ## the main job on the embedded default model
 	$(PY) -m d2sd.run

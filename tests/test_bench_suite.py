@@ -1,6 +1,6 @@
 """`python -m d2sd.bench` on a tiny target: files, consistency of results.json / table.md / plots,
 resume recomputes only the missing cell, bad input is one line and exit 2; the 8B cycle
-benchmark's logic on a tiny config (`bench/bench_8b_cycle.py --tiny`)."""
+benchmark's logic on a tiny config (`bench/cycle_8b.py --tiny`)."""
 
 from __future__ import annotations
 
@@ -268,12 +268,12 @@ def test_table_marks_missing_cells() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# bench/bench_8b_cycle.py on its tiny config
+# bench/cycle_8b.py on its tiny config
 # ---------------------------------------------------------------------------------------------
 
 
 def test_filled_prefix_fakes_the_prompt_and_restores_prefill() -> None:
-    from bench import bench_8b_cycle as b8
+    from bench import cycle_8b as b8
 
     target = b8.build_target(b8.TINY, torch.device("cpu"), torch.float32, "torch")
     cache = target.allocate_cache(64, 1, 16)
@@ -289,7 +289,7 @@ def test_filled_prefix_fakes_the_prompt_and_restores_prefill() -> None:
 def test_8b_cycle_tiny_times_the_decoders_steps(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from bench import bench_8b_cycle as b8
+    from bench import cycle_8b as b8
     from d2sd import steps
 
     # the timed cycles are the Decoder's own steps, run against a cache of the asked prefix
@@ -379,7 +379,7 @@ def test_suite_on_cuda(
 
 @pytest.mark.gpu
 def test_8b_cycle_tiny_on_cuda(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from bench import bench_8b_cycle as b8
+    from bench import cycle_8b as b8
 
     argv = ["--tiny", "--backends", "triton", "--prefixes", "64,1024", "--cycles", "4"]
     assert b8.main([*argv, "--repeats", "2", "--out-dir", str(tmp_path)]) == 0

@@ -28,9 +28,9 @@ generations of `--cycles` cycles each, after one untimed generation per mode (ca
 Backends: triton (graphed) and flashinfer (if importable; it reads cache_len on the host, so it runs
 eagerly without CUDA graphs and its stage times include launch gaps: the reference code's path).
 
-    python bench/bench_8b_cycle.py [--backends triton,flashinfer] [--prefixes 1024,8192,32768]
+    python -m bench.cycle_8b [--backends triton,flashinfer] [--prefixes 1024,8192,32768]
                                    [--tau 6.5] [--cycles 32] [--repeats 5] [--out-dir DIR]
-    python bench/bench_8b_cycle.py --tiny      # tiny Qwen3 on the CPU: checks the logic only
+    python -m bench.cycle_8b --tiny      # tiny Qwen3 on the CPU: checks the logic only
     python -m bench.kernels --only 8b_cycle [--quick]
 
 Writes `<out-dir>/8b_cycle-<gpu>-<date>.json` (bench/_harness.write_results; `--tiny`:
@@ -397,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
         print(
-            "bench_8b_cycle: the 8B shape needs a CUDA GPU (--tiny runs on the CPU)",
+            "cycle_8b: the 8B shape needs a CUDA GPU (--tiny runs on the CPU)",
             file=sys.stderr,
         )
         return 2
