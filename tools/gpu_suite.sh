@@ -7,7 +7,8 @@
 #   tools/gpu_suite.sh system    model/backend/loop GPU tests (tiny models, bf16, CUDA graphs,
 #                                set_sync_debug_mode) and the CLI's CUDA test
 #   tools/gpu_suite.sh e2e GGUF  the main job on the real SmolLM2 target (d2sd.run, with its AR
-#                                baseline), then the real-target greedy equality test
+#                                baseline), the real-target greedy equality test, a small suite run
+#   tools/gpu_suite.sh cycle8b   per-stage cycle cost at Qwen3-8B scale (bench.cycle_8b)
 #
 # Before `e2e`: stage the model with ../shared/device/stage-model.sh and send its part runs back to
 # back (see ../shared/device/README.md); carry [".device-partN", ".device"] on the last one and
@@ -20,7 +21,7 @@ mkdir -p "$out"
 [ -f .device/setup.sh ] && source .device/setup.sh
 export PYTHONUNBUFFERED=1 D2SD_RESULTS_DIR="$out"
 
-step=${1:?usage: tools/gpu_suite.sh kernels|system|e2e GGUF}
+step=${1:?usage: tools/gpu_suite.sh kernels|system|e2e GGUF|cycle8b}
 case "$step" in
   kernels)
     timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider \
@@ -42,9 +43,14 @@ case "$step" in
         --json "$out/run-$backend.json" 2>&1 | tee "$out/run-$backend.log" | tail -n 40
     done
     D2SD_DEFAULT_GGUF="$gguf" timeout 150 python3 -m pytest -m gpu -q -k smollm2 tests/ 2>&1 | tail -n 15
+    D2SD_DEFAULT_GGUF="$gguf" timeout 200 python3 -m d2sd.bench --max-samples 4 --max-new-tokens 64 \
+      --data-dir .stage/datasets --out "$out/suite" --no-plots 2>&1 | tail -n 30
+    ;;
+  cycle8b)
+    timeout 560 python3 -m bench.cycle_8b --out-dir "$out" 2>&1 | tee "$out/cycle8b.log" | tail -n 60
     ;;
   *)
-    echo "unknown step '$step' (kernels, system or e2e)" >&2
+    echo "unknown step '$step' (kernels, system, e2e or cycle8b)" >&2
     exit 2
     ;;
 esac
