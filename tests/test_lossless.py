@@ -24,6 +24,7 @@ import torch
 
 from d2sd import ops
 from d2sd.generate import Decoder, GenerationConfig
+from tests._decode_cases import ScriptedDrafter
 from tests.conftest import interpreting
 from tests.tiny_models import FAMILY_NAMES, tiny_drafter, tiny_target
 
@@ -79,7 +80,7 @@ def ar_reference(family: str) -> list[list[int]]:
     return [decoder.generate(p, config).tokens for p in random_prompts(NUM_PROMPTS)]
 
 
-class OracleDrafter(torch.nn.Module):
+class OracleDrafter(ScriptedDrafter):
     """A drafter that predicts `reference[p]` at absolute position p, except at a `corrupt_rate`
     share of positions (picked by a hash of p and `salt`) where it predicts another token.
 
@@ -92,26 +93,11 @@ class OracleDrafter(torch.nn.Module):
     def __init__(
         self, inner: torch.nn.Module, reference: list[int], *, salt: int, corrupt_rate: float
     ) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.register_buffer("reference", torch.tensor(reference, dtype=torch.int64))
         self.salt = salt
         self.corrupt_per_mille = int(corrupt_rate * 1000)
         self.vocab_size = inner.config.vocab_size
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.inner.mask_token_id
-
-    @property
-    def target_layer_ids(self) -> tuple[int, ...]:
-        return self.inner.target_layer_ids
-
-    def allocate_cache(self, max_len: int, batch: int = 1, block_size: int | None = None):
-        return self.inner.allocate_cache(max_len, batch, block_size)
-
-    def extend_context(self, ctx_hidden, positions, cache, num_valid) -> None:
-        cache.cache_len.add_(num_valid)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         p = positions.clamp(max=self.reference.shape[0] - 1)
@@ -126,8 +112,11 @@ class OracleDrafter(torch.nn.Module):
         return logits.scatter_(-1, token[..., None], margin[..., None])
 
 
-def oracle_decoder(family: str, prompt: list[int], tokens: list[int], corrupt_rate: float):
-    target = family_target(family)
+def oracle_decoder(
+    family: str, prompt: list[int], tokens: list[int], corrupt_rate: float, target=None
+):
+    """Decoder of `target` (default: the family's torch target) with the two oracle drafters."""
+    target = family_target(family) if target is None else target
     reference = prompt + tokens + [0] * (2 * GAMMA2 + 2)
     inner = tiny_drafter(target, block_size=GAMMA, seed=1)
     first = OracleDrafter(inner, reference, salt=1, corrupt_rate=corrupt_rate)
@@ -195,22 +184,14 @@ def test_triton_backend_and_kernels_match_ar() -> None:
     """One small case through the Triton attention backend and the Triton loop kernels
     (interpreter): d2sd in both layouts with the oracle drafters."""
     family, num_tokens = "qwen3", 16
-    target = family_target(family, backend="triton")
     prompt = random_prompts(1, seed=3)[0]
     expected = (
         Decoder(family_target(family), max_len=MAX_LEN)
         .generate(prompt, GenerationConfig(mode="ar", max_new_tokens=num_tokens))
         .tokens
     )
-    inner = tiny_drafter(target, block_size=GAMMA, seed=1)
-    reference = prompt + expected + [0] * (2 * GAMMA2 + 2)
-    decoder = Decoder(
-        target,
-        None,
-        OracleDrafter(inner, reference, salt=1, corrupt_rate=0.3),
-        OracleDrafter(inner, reference, salt=2, corrupt_rate=0.3),
-        max_len=MAX_LEN,
-    )
+    triton_target = family_target(family, backend="triton")
+    decoder = oracle_decoder(family, prompt, expected, corrupt_rate=0.3, target=triton_target)
     with ops.cpu_kernels():
         for layout in ("branches", "tree"):
             result = decoder.generate(prompt, config_for("d2sd", layout, num_tokens))

@@ -33,6 +33,7 @@ import torch
 
 from d2sd.generate import Decoder, GenerationConfig
 from kernels.accept import sample_tokens_ref
+from tests._decode_cases import ScriptedDrafter
 from tests.tiny_models import tiny_drafter, tiny_target
 
 VOCAB = 8
@@ -88,31 +89,16 @@ def warped_probs(
     return weights / weights.sum(-1, keepdim=True)
 
 
-class BigramDrafter(torch.nn.Module):
+class BigramDrafter(ScriptedDrafter):
     """Deterministic drafter: position k's logits are `table[previous token]`, the previous token
     being the visible input or the drafter's own argmax; with `runner_up`, the first masked
     position's best token is suppressed (a VP drafter that bets the first draft is wrong there).
     Context extension only advances the cache length."""
 
     def __init__(self, inner: torch.nn.Module, table: torch.Tensor, *, runner_up: bool) -> None:
-        super().__init__()
-        self.inner = inner
+        super().__init__(inner)
         self.register_buffer("table", table.float())
         self.runner_up = runner_up
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.inner.mask_token_id
-
-    @property
-    def target_layer_ids(self) -> tuple[int, ...]:
-        return self.inner.target_layer_ids
-
-    def allocate_cache(self, max_len: int, batch: int = 1, block_size: int | None = None):
-        return self.inner.allocate_cache(max_len, batch, block_size)
-
-    def extend_context(self, ctx_hidden, positions, cache, num_valid) -> None:
-        cache.cache_len.add_(num_valid)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache) -> torch.Tensor:
         batch, length = input_ids.shape
