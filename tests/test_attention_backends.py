@@ -39,14 +39,13 @@ def _random_tree_mask(batch: int, num_q: int, *, shared: bool, empty_rows: bool 
     return visible
 
 
-def _dense_reference(
-    q, k_cache, v_cache, prefix_len, k_local, v_local, local_visible, window_left, sm_scale
-):
-    """fp32 o [B, T, Hq, D] and base-2 lse [B, T, Hq] from one explicit mask over prefix + local."""
+def _dense_keys(q, k_cache, v_cache, prefix_len, k_local, v_local, local_visible, window_left):
+    """Keys and values [B, L + T, Hq, D] (kv heads repeated for GQA, in the inputs' dtype) and the
+    bool visibility [B, T, L + T] of one explicit mask over prefix + local keys."""
     batch, num_q, num_heads, _ = q.shape
     group = num_heads // k_local.shape[2]
-    keys = torch.cat([k_cache[:prefix_len].expand(batch, -1, -1, -1), k_local], dim=1).float()
-    values = torch.cat([v_cache[:prefix_len].expand(batch, -1, -1, -1), v_local], dim=1).float()
+    keys = torch.cat([k_cache[:prefix_len].expand(batch, -1, -1, -1), k_local], dim=1)
+    values = torch.cat([v_cache[:prefix_len].expand(batch, -1, -1, -1), v_local], dim=1)
     q_pos = prefix_len + torch.arange(num_q, device=q.device)
     k_pos = torch.arange(prefix_len + num_q, device=q.device)
     visible = torch.cat(
@@ -58,9 +57,19 @@ def _dense_reference(
     )
     if window_left >= 0:
         visible = visible & (q_pos[:, None] - k_pos[None, :] <= window_left)
+    return keys.repeat_interleave(group, dim=2), values.repeat_interleave(group, dim=2), visible
+
+
+def _dense_reference(
+    q, k_cache, v_cache, prefix_len, k_local, v_local, local_visible, window_left, sm_scale
+):
+    """fp32 o [B, T, Hq, D] and base-2 lse [B, T, Hq] from one explicit mask over prefix + local."""
+    keys, values, visible = _dense_keys(
+        q, k_cache, v_cache, prefix_len, k_local, v_local, local_visible, window_left
+    )
     qh = q.float().transpose(1, 2)
-    kh = keys.repeat_interleave(group, dim=2).transpose(1, 2)
-    vh = values.repeat_interleave(group, dim=2).transpose(1, 2)
+    kh = keys.float().transpose(1, 2)
+    vh = values.float().transpose(1, 2)
     o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=visible[:, None], scale=sm_scale)
     scores = (qh @ kh.transpose(-1, -2)) * sm_scale
     lse = torch.logsumexp(scores.masked_fill(~visible[:, None], float("-inf")), dim=-1) / math.log(
@@ -111,6 +120,29 @@ def _make_case(
     return q, k_cache, v_cache, cache_len, k_local, v_local, causal, mask, local_visible
 
 
+def _run_with_reference(backend, case, prefix_len, window_left):
+    """((o, lse) of `backend.cascade`, (o, lse, empty rows) of `_dense_reference`) on a
+    `_make_case` case."""
+    q, k_cache, v_cache, cache_len, k_local, v_local, causal, mask, local_visible = case
+    o, lse = backend.cascade(
+        q,
+        k_cache,
+        v_cache,
+        cache_len,
+        k_local,
+        v_local,
+        causal=causal,
+        mask=mask,
+        window_left=window_left,
+        return_lse=True,
+    )
+    scale = q.shape[-1] ** -0.5
+    reference = _dense_reference(
+        q, k_cache, v_cache, prefix_len, k_local, v_local, local_visible, window_left, scale
+    )
+    return (o, lse), reference
+
+
 CASES = [
     # batch, T, prefix, Hq, Hkv, D, local mode, window_left
     (1, 1, 0, 9, 3, 64, "causal", -1),  # one token, empty prefix (AR step at position 0)
@@ -132,24 +164,10 @@ CASES = [
 def test_torch_backend_matches_dense_reference(
     batch, num_q, prefix_len, num_heads, num_kv, head_dim, mode, window_left
 ):
-    q, k_cache, v_cache, cache_len, k_local, v_local, causal, mask, local_visible = _make_case(
-        batch, num_q, prefix_len, num_heads, num_kv, head_dim, mode
-    )
-    scale = head_dim**-0.5
-    o, lse = get_backend("torch").cascade(
-        q,
-        k_cache,
-        v_cache,
-        cache_len,
-        k_local,
-        v_local,
-        causal=causal,
-        mask=mask,
-        window_left=window_left,
-        return_lse=True,
-    )
-    ref_o, ref_lse, empty = _dense_reference(
-        q, k_cache, v_cache, prefix_len, k_local, v_local, local_visible, window_left, scale
+    case = _make_case(batch, num_q, prefix_len, num_heads, num_kv, head_dim, mode)
+    q = case[0]
+    (o, lse), (ref_o, ref_lse, empty) = _run_with_reference(
+        get_backend("torch"), case, prefix_len, window_left
     )
     assert o.dtype == q.dtype and o.shape == q.shape and lse.shape == q.shape[:3]
     torch.testing.assert_close(o, ref_o, rtol=1e-5, atol=1e-5)
@@ -248,7 +266,7 @@ def test_backends_bf16_on_gpu(
     if backend_name not in available_backends("cuda"):
         pytest.skip(f"{backend_name} backend unavailable on this machine")
     backend = get_backend(backend_name, "cuda")
-    q, k_cache, v_cache, cache_len, k_local, v_local, causal, mask, local_visible = _make_case(
+    case = _make_case(
         batch,
         num_q,
         prefix_len,
@@ -261,42 +279,13 @@ def test_backends_bf16_on_gpu(
         dtype=torch.bfloat16,
         garbage=0.0,
     )
-    scale = head_dim**-0.5
-    o, lse = backend.cascade(
-        q,
-        k_cache,
-        v_cache,
-        cache_len,
-        k_local,
-        v_local,
-        causal=causal,
-        mask=mask,
-        window_left=window_left,
-        return_lse=True,
-    )
-    ref_o, ref_lse, _ = _dense_reference(
-        q, k_cache, v_cache, prefix_len, k_local, v_local, local_visible, window_left, scale
-    )
+    (o, lse), (ref_o, ref_lse, _) = _run_with_reference(backend, case, prefix_len, window_left)
     # what torch itself makes in bf16: the same dense attention run in bf16
-    group = num_heads // num_kv
-    keys = torch.cat(
-        [k_cache[:prefix_len].expand(batch, -1, -1, -1), k_local], 1
-    ).repeat_interleave(group, 2)
-    values = torch.cat(
-        [v_cache[:prefix_len].expand(batch, -1, -1, -1), v_local], 1
-    ).repeat_interleave(group, 2)
-    visible = torch.cat(
-        [
-            torch.ones(batch, num_q, prefix_len, dtype=torch.bool, device="cuda"),
-            local_visible.expand(batch, -1, -1),
-        ],
-        -1,
+    q, k_cache, v_cache, _, k_local, v_local, _, _, local_visible = case
+    keys, values, visible = _dense_keys(
+        q, k_cache, v_cache, prefix_len, k_local, v_local, local_visible, window_left
     )
-    if window_left >= 0:
-        q_pos = prefix_len + torch.arange(num_q, device="cuda")
-        visible = visible & (
-            q_pos[:, None] - torch.arange(prefix_len + num_q, device="cuda")[None] <= window_left
-        )
+    scale = head_dim**-0.5
     torch_bf16 = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         keys.transpose(1, 2),
