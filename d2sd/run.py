@@ -84,17 +84,8 @@ class OneLineParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The CLI's options; every help text states its default."""
-    p = OneLineParser(
-        prog="python -m d2sd.run",
-        description="Decode prompts with D2SD (DFlash draft + VP re-drafts of the likeliest "
-        "failure points, verified in one target pass) and compare with autoregressive decoding "
-        "of the same target in the same run: tokens/s, speedup, mean accepted length τ and its "
-        "histogram, time per stage.",
-        epilog=_EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    """--target / --draft / --vp-draft (and the reference code's aliases); shared with d2sd.bench."""
     m = p.add_argument_group("models")
     m.add_argument(
         "--target",
@@ -121,16 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="VP (variable-prefix) drafter for the second draft (default: like --draft, with "
         "d2sd/checkpoints/smollm2-vp)",
     )
-    d = p.add_argument_group("decoding")
-    d.add_argument(
-        "--mode",
-        choices=MODES,
-        default=None,
-        help="d2sd: DFlash + VP branches; dflash: DFlash only; ar: autoregressive; "
-        "dflash+samples: branches sampled from the first draft; dflash-dflash: branches "
-        "re-drafted by the DFlash drafter (default: d2sd when both drafters exist, dflash with "
-        "--draft only, else ar)",
-    )
+
+
+def add_branch_options(d: argparse._ArgumentGroup) -> None:
+    """γ, γ2, K and the verify layout; shared with d2sd.bench."""
     d.add_argument(
         "--block-size",
         type=int,
@@ -159,6 +144,68 @@ def build_parser() -> argparse.ArgumentParser:
         help="verify K+1 causal branches over the shared prefix, or their deduplicated tree "
         "with an ancestor mask (default: branches)",
     )
+
+
+def add_hardware_options(p: argparse.ArgumentParser, device_note: str = "") -> None:
+    """--backend / --device / --dtype; shared with d2sd.bench (which adds a torchrun note)."""
+    h = p.add_argument_group("hardware")
+    h.add_argument(
+        "--backend",
+        choices=("triton", "flashinfer", "torch"),
+        default=None,
+        help="attention backend (default: triton on CUDA, torch on the CPU)",
+    )
+    h.add_argument(
+        "--device",
+        default=None,
+        help=f"cpu, cuda or cuda:N{device_note} (default: cuda if available, else cpu)",
+    )
+    h.add_argument(
+        "--dtype",
+        choices=("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"),
+        default=None,
+        help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)",
+    )
+
+
+def add_data_options(q: argparse._ArgumentGroup) -> None:
+    """--data-dir / --online; shared with d2sd.bench."""
+    q.add_argument(
+        "--data-dir",
+        default=None,
+        help="offline JSONL copies of the datasets (default: ../shared/datasets beside the "
+        "checkout if it exists, else ./data)",
+    )
+    q.add_argument(
+        "--online",
+        action="store_true",
+        help="try the hub for --dataset first (default: offline copies only)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI's options; every help text states its default."""
+    p = OneLineParser(
+        prog="python -m d2sd.run",
+        description="Decode prompts with D2SD (DFlash draft + VP re-drafts of the likeliest "
+        "failure points, verified in one target pass) and compare with autoregressive decoding "
+        "of the same target in the same run: tokens/s, speedup, mean accepted length τ and its "
+        "histogram, time per stage.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_options(p)
+    d = p.add_argument_group("decoding")
+    d.add_argument(
+        "--mode",
+        choices=MODES,
+        default=None,
+        help="d2sd: DFlash + VP branches; dflash: DFlash only; ar: autoregressive; "
+        "dflash+samples: branches sampled from the first draft; dflash-dflash: branches "
+        "re-drafted by the DFlash drafter (default: d2sd when both drafters exist, dflash with "
+        "--draft only, else ar)",
+    )
+    add_branch_options(d)
     d.add_argument(
         "--max-new-tokens",
         type=int,
@@ -179,22 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--seed", type=int, default=0, help="seed of the sampler and random drafters (default: 0)"
     )
-    h = p.add_argument_group("hardware")
-    h.add_argument(
-        "--backend",
-        choices=("triton", "flashinfer", "torch"),
-        default=None,
-        help="attention backend (default: triton on CUDA, torch on the CPU)",
-    )
-    h.add_argument(
-        "--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available, else cpu)"
-    )
-    h.add_argument(
-        "--dtype",
-        choices=("float32", "float16", "bfloat16", "fp32", "fp16", "bf16"),
-        default=None,
-        help="model dtype (default: bfloat16 on CUDA, float32 on the CPU)",
-    )
+    add_hardware_options(p)
     q = p.add_argument_group("prompts (default: the bundled prompts d2sd/prompts/default.jsonl)")
     q.add_argument(
         "--prompt",
@@ -216,17 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the first N samples of --dataset, in file order (default: 16)",
     )
     q.add_argument("--split", default="test", help="dataset split (default: test)")
-    q.add_argument(
-        "--data-dir",
-        default=None,
-        help="offline JSONL copies of the datasets (default: ../shared/datasets beside the "
-        "checkout if it exists, else ./data)",
-    )
-    q.add_argument(
-        "--online",
-        action="store_true",
-        help="try the hub for --dataset first (default: offline copies only)",
-    )
+    add_data_options(q)
     o = p.add_argument_group("output")
     o.add_argument(
         "--no-ar-baseline",
