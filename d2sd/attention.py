@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import types
 from typing import Protocol
 
 import torch
@@ -243,12 +242,7 @@ class TritonBackend:
 
     def __init__(self) -> None:
         try:
-            cascade = importlib.import_module("kernels").cascade_attention
-            # once kernels/cascade_attention.py is imported, the package attribute of that name is
-            # the submodule (import machinery), which shadows the lazy export of the function
-            if isinstance(cascade, types.ModuleType):
-                cascade = cascade.cascade_attention
-            self._cascade = cascade
+            self._cascade = importlib.import_module("kernels").cascade_attention
         except (ImportError, AttributeError) as exc:
             raise D2SDError(
                 f"attention backend 'triton' is unavailable: kernels.cascade_attention cannot be "

@@ -3,8 +3,6 @@
 On CUDA tensors the loop calls the Triton launchers of `kernels/` (graph-capturable, no host sync);
 on CPU tensors it calls their fp32 torch references `<op>_ref`, which run eagerly. Inside
 `cpu_kernels()` (used by tests under `TRITON_INTERPRET=1`) the CPU path calls the launchers too.
-A launcher that does not exist yet (its kernel file only has the reference) falls back to the
-reference on every device; that fallback may sync the host, so it is for development only.
 
 Signatures and semantics are those of ARCHITECTURE.md ("Selection, tree, acceptance, commit
 kernels"); this module adds nothing to them.
@@ -13,11 +11,11 @@ kernels"); this module adds nothing to them.
 from __future__ import annotations
 
 import contextlib
-import functools
-import importlib
 from collections.abc import Callable, Iterator
 
 import torch
+
+import kernels
 
 __all__ = [
     "accept",
@@ -43,20 +41,10 @@ def cpu_kernels(enabled: bool = True) -> Iterator[None]:
         _cpu_kernels = previous
 
 
-@functools.cache
-def _resolve(name: str, want_kernel: bool) -> Callable:
-    module = importlib.import_module("kernels")
-    launcher = getattr(module, name, None) if want_kernel else None
-    # a launcher is a function; `kernels.<op>` can also be the op's submodule if the package
-    # stops binding the launcher over it
-    if callable(launcher):
-        return launcher
-    return getattr(module, f"{name}_ref")
-
-
 def kernel_or_reference(name: str, device: torch.device) -> Callable:
     """The callable that implements op `name` for tensors on `device`."""
-    return _resolve(name, device.type == "cuda" or _cpu_kernels)
+    use_kernel = device.type == "cuda" or _cpu_kernels
+    return getattr(kernels, name if use_kernel else f"{name}_ref")
 
 
 def topk_confidence(
