@@ -247,16 +247,6 @@ class _ReportReader:
         return buffer.tolist()
 
 
-def _drafter_attr(drafter: Any, *names: str) -> Any:
-    """The first of `names` found on the drafter or its config (formats differ in where they live)."""
-    for source in (drafter, getattr(drafter, "config", None)):
-        for name in names:
-            value = getattr(source, name, None) if source is not None else None
-            if value is not None:
-                return value
-    raise D2SDError(f"the drafter has none of {', '.join(names)}")
-
-
 class Decoder:
     """Generates with a target and optional drafters; `generate(prompt_ids, config)`.
 
@@ -297,10 +287,10 @@ class Decoder:
         self._taps: tuple[int, ...] = ()
         self._mask_id = 0
         if draft is not None:
-            self._mask_id = int(_drafter_attr(draft, "mask_token_id"))
-            self._taps = tuple(_drafter_attr(draft, "target_layer_ids", "tap_layer_ids"))
+            self._mask_id = int(draft.mask_token_id)
+            self._taps = tuple(draft.target_layer_ids)
         if vp_draft is not None and draft is not None:
-            vp_taps = tuple(_drafter_attr(vp_draft, "target_layer_ids", "tap_layer_ids"))
+            vp_taps = tuple(vp_draft.target_layer_ids)
             if vp_taps != self._taps:
                 raise D2SDError(
                     f"the drafters tap different target layers: {self._taps} vs {vp_taps}"
