@@ -1,18 +1,23 @@
 #!/usr/bin/env bash
 # The GPU proof in a few device runs, each under the 10-minute limit; logs and JSON go to $OUT
 # (./gpu-out when $OUT is unset), so what a run measured comes back even when it is cut short.
+# On a 2-GPU machine run two steps side by side: CUDA_VISIBLE_DEVICES=0 ... & CUDA_VISIBLE_DEVICES=1 ...
 #
-#   tools/gpu_suite.sh kernels   GPU kernel tests (vs fp32 references, and vs FlashInfer when the
-#                                .device bundle is carried) + `python -m bench.kernels`
-#   tools/gpu_suite.sh system    model/backend/loop GPU tests (tiny models, bf16, CUDA graphs,
-#                                set_sync_debug_mode) and the CLI's CUDA test
-#   tools/gpu_suite.sh e2e GGUF  the main job on the real SmolLM2 target (d2sd.run, with its AR
-#                                baseline), the real-target greedy equality test, a small suite run
-#   tools/gpu_suite.sh cycle8b   per-stage cycle cost at Qwen3-8B scale (bench.cycle_8b)
+#   tools/gpu_suite.sh kernels         GPU kernel tests (vs fp32 references, and vs FlashInfer when
+#                                      the .device bundle is carried) + `python -m bench.kernels`,
+#                                      one kernel at a time so that a slow one cannot lose the rest
+#   tools/gpu_suite.sh system          model/backend/loop GPU tests (tiny models, bf16, CUDA graphs,
+#                                      set_sync_debug_mode) and the CLI's CUDA test
+#   tools/gpu_suite.sh cycle8b         per-stage cycle cost at Qwen3-8B scale (bench.cycle_8b)
+#   tools/gpu_suite.sh train GGUF DIR  train the SmolLM2 drafters (tools/train_smollm2.sh) into DIR
+#   tools/gpu_suite.sh e2e GGUF        the main job on the real SmolLM2 target (d2sd.run, with its AR
+#                                      baseline) per backend, and the real-target greedy equality test
+#   tools/gpu_suite.sh eval GGUF [N]   the benchmark suite (5 datasets x greedy/T=1 x every method)
+#                                      on the real target, split over N GPUs by torchrun (default: all)
 #
-# Before `e2e`: stage the model with ../shared/device/stage-model.sh and send its part runs back to
-# back (see ../shared/device/README.md); carry [".device-partN", ".device"] on the last one and
-# chain `bash .device-partN/stash.sh && tools/gpu_suite.sh e2e /root/stash/SmolLM2-135M-Instruct.Q4_1.gguf`.
+# Before `train`/`e2e`/`eval`: stage the model with ../shared/device/stage-model.sh and send its
+# part runs back to back (see ../shared/device/README.md), then pass
+# /root/stash/SmolLM2-135M-Instruct.Q4_1.gguf; the machine keeps it while it stays warm.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-out}
@@ -21,14 +26,17 @@ mkdir -p "$out"
 [ -f .device/setup.sh ] && source .device/setup.sh
 export PYTHONUNBUFFERED=1 D2SD_RESULTS_DIR="$out"
 
-step=${1:?usage: tools/gpu_suite.sh kernels|system|e2e GGUF|cycle8b}
+step=${1:?usage: tools/gpu_suite.sh kernels|system|cycle8b|train GGUF DIR|e2e GGUF|eval GGUF [N]}
 case "$step" in
   kernels)
     timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_lse_merge.py tests/test_prefix_attention.py tests/test_branch_attention.py \
       tests/test_cascade_attention.py tests/test_topk_confidence.py tests/test_tree_mask.py \
       tests/test_accept.py tests/test_sample_tokens.py tests/test_commit.py 2>&1 | tee "$out/gpu-kernel-tests.log" | tail -n 25
-    timeout 300 python3 -m bench.kernels --out "$out" 2>&1 | tee "$out/bench-kernels.log" | tail -n 120
+    for kernel in cascade_attention prefix_attention branch_attention lse_merge accept topk_confidence \
+      tree_mask commit; do
+      timeout 150 python3 -m bench.kernels --only "$kernel" --out "$out" 2>&1 | tee -a "$out/bench-kernels.log" | tail -n 40
+    done
     ;;
   system)
     timeout 500 python3 -m pytest -m gpu -q -p no:cacheprovider \
@@ -36,21 +44,35 @@ case "$step" in
       tests/test_graphs.py tests/test_generate.py tests/test_lossless.py tests/test_run_cli.py \
       tests/test_train.py 2>&1 | tee "$out/gpu-system-tests.log" | tail -n 40
     ;;
+  train)
+    gguf=${2:?usage: tools/gpu_suite.sh train GGUF DIR}
+    dir=${3:?usage: tools/gpu_suite.sh train GGUF DIR}
+    WORK_DIR=${WORK_DIR:-/root/smollm2-train} tools/train_smollm2.sh "$gguf" "$dir" 2>&1 | tee "$out/train.log" | tail -n 40
+    cp "${WORK_DIR:-/root/smollm2-train}/train.log" "$out/train-full.log" 2>/dev/null || true
+    ;;
   e2e)
     gguf=${2:?usage: tools/gpu_suite.sh e2e GGUF}
-    for backend in triton torch; do
-      D2SD_DEFAULT_GGUF="$gguf" timeout 200 python3 -m d2sd.run --target default --backend "$backend" --max-new-tokens 128 \
+    for backend in triton flashinfer torch; do
+      D2SD_DEFAULT_GGUF="$gguf" timeout 200 python3 -m d2sd.run --backend "$backend" \
         --json "$out/run-$backend.json" 2>&1 | tee "$out/run-$backend.log" | tail -n 40
     done
-    D2SD_DEFAULT_GGUF="$gguf" timeout 150 python3 -m pytest -m gpu -q -k smollm2 tests/ 2>&1 | tail -n 15
-    D2SD_DEFAULT_GGUF="$gguf" timeout 200 python3 -m d2sd.bench --max-samples 4 --max-new-tokens 64 \
-      --data-dir .stage/datasets --out "$out/suite" --no-plots 2>&1 | tail -n 30
+    D2SD_DEFAULT_GGUF="$gguf" timeout 150 python3 -m pytest -m gpu -q -p no:cacheprovider -k smollm2 tests/ 2>&1 | tee "$out/e2e-tests.log" | tail -n 15
+    ;;
+  eval)
+    gguf=${2:?usage: tools/gpu_suite.sh eval GGUF [N]}
+    gpus=${3:-$(python3 -c "import torch; print(torch.cuda.device_count())")}
+    D2SD_DEFAULT_GGUF="$gguf" NCCL_NVLS_ENABLE=0 python3 -m torch.distributed.run --standalone --nproc_per_node "$gpus" -m d2sd.bench \
+      --max-samples "${EVAL_SAMPLES:-20}" --data-dir .stage/datasets --out "$out/suite" 2>&1 | tee "$out/eval.log" | tail -n 60
     ;;
   cycle8b)
-    timeout 560 python3 -m bench.cycle_8b --out-dir "$out" 2>&1 | tee "$out/cycle8b.log" | tail -n 60
+    # one backend per process and folder, so that a slow one cannot lose the other's JSON
+    for backend in triton flashinfer; do
+      mkdir -p "$out/cycle8b-$backend"
+      timeout 300 python3 -m bench.cycle_8b --backends "$backend" --out-dir "$out/cycle8b-$backend" 2>&1 | tee -a "$out/cycle8b.log" | tail -n 30
+    done
     ;;
   *)
-    echo "unknown step '$step' (kernels, system, e2e or cycle8b)" >&2
+    echo "unknown step '$step' (kernels, system, cycle8b, train, e2e or eval)" >&2
     exit 2
     ;;
 esac
