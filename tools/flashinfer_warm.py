@@ -17,9 +17,9 @@ import time
 
 
 def _variant(kind: str, head_dim: int) -> str:
+    import flashinfer
     import torch
 
-    import flashinfer
     from bench._flashinfer_ref import MultiLevelCascade
 
     start = time.perf_counter()
