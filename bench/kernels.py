@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         except Exception:  # one broken benchmark must not lose the others' results
             traceback.print_exc()
             failed.append(name)
-    path = write_results("kernels", {"kernels": results, "failed": failed}, args.out)
+    # a run of some kernels names them, so that runs of other kernels beside it keep their files
+    name = "-".join(["kernels", *names]) if args.only else "kernels"
+    path = write_results(name, {"kernels": results, "failed": failed}, args.out)
     print(f"\nwrote {path}")
     return 1 if failed else 0
 

@@ -50,6 +50,8 @@ class AttentionBackend(Protocol):
     """What a model layer needs from attention (see the module docstring for the semantics)."""
 
     name: str
+    # False where `cascade` reads device values on the host: steps using it must run eagerly
+    graph_capturable: bool
 
     def cascade(
         self,
@@ -228,6 +230,7 @@ class TorchBackend:
     """Pure torch, fp32 math, no host sync (CPU path and reference)."""
 
     name = "torch"
+    graph_capturable = True
 
     def cascade(self, q, k_cache_l, v_cache_l, cache_len, k_local, v_local, **kwargs):
         return cascade_attention_torch(
@@ -239,6 +242,7 @@ class TritonBackend:
     """The fused Triton kernel `kernels.cascade_attention` (same signature and semantics)."""
 
     name = "triton"
+    graph_capturable = True
 
     def __init__(self) -> None:
         try:
@@ -262,6 +266,7 @@ class FlashInferBackend:
     """
 
     name = "flashinfer"
+    graph_capturable = False
 
     def __init__(self) -> None:
         try:

@@ -65,6 +65,7 @@ __all__ = [
     "encode_prompt",
     "greedy_top2_gaps",
     "near_tie_noise",
+    "non_greedy_tokens",
 ]
 
 MODES = ("ar", "dflash", "d2sd", "dflash+samples", "dflash-dflash")
@@ -79,7 +80,9 @@ PREFILL_CHUNK = 256
 @dataclass(frozen=True)
 class GenerationConfig:
     """How to decode (see the module docstring for the modes). `block_size` is gamma,
-    `block_size_2` gamma2 (>= gamma), `topk` the number K of second-draft branches (< gamma)."""
+    `block_size_2` gamma2 (>= gamma), `topk` the number K of second-draft branches (< gamma).
+    `cuda_graphs` replays each step from a CUDA graph on CUDA; steps run eagerly anyway on the
+    CPU and with a backend that cannot be captured (FlashInfer's)."""
 
     mode: str = "d2sd"
     block_size: int = 16
@@ -281,6 +284,11 @@ class Decoder:
         # cycles queued ahead of the host's reading of the reports: on CUDA the GPU then never
         # waits for the host between cycles; on the CPU every step runs synchronously anyway
         self.run_ahead = 1 if self.device.type == "cuda" else 0
+        # a backend that reads device values on the host (FlashInfer's) cannot be captured
+        self.graph_capturable = all(
+            getattr(getattr(model, "backend", None), "graph_capturable", True)
+            for model in (target, draft, vp_draft)
+        )
         self._graphs: dict[bool, StepGraphs] = {}
         self._caches: dict[str, Any] = {}
         self._states: dict[tuple, steps.LoopState] = {}
@@ -304,7 +312,7 @@ class Decoder:
         plan = _Plan.of(config, tree_ok=not self.sliding_window)
         self._check(plan, len(prompt_ids), config)
         state = self._state(plan)
-        graphs = self._graph_runner(config.cuda_graphs)
+        graphs = self._graph_runner(config.cuda_graphs and self.graph_capturable)
         self._capture(plan, state, graphs)
         checker = StopChecker(
             eos_ids=self.eos_ids,
@@ -597,33 +605,51 @@ def near_tie_noise(dtype: torch.dtype, logit_scale: float) -> float:
 
 
 @torch.no_grad()
+def _teacher_forced_logits(
+    target: Any, prompt_ids: Sequence[int], tokens: Sequence[int]
+) -> torch.Tensor:
+    """The target's logits [n, V] at the positions that predict tokens[0 .. n-1], from one eager
+    teacher-forced pass over prompt + tokens[:-1] (chunked prefill into a scratch cache)."""
+    sequence = list(prompt_ids) + list(tokens)
+    cache = target.allocate_cache(len(sequence) + 1, 1, min(len(sequence), PREFILL_CHUNK))
+    ids = torch.tensor([sequence[:-1]], dtype=torch.int64, device=target.device)
+    chunks = []
+    for start in range(0, ids.shape[1], cache.local_rows):
+        chunk = ids[:, start : start + cache.local_rows]
+        positions = torch.arange(start, start + chunk.shape[1], device=ids.device)[None]
+        logits, _ = target.forward(chunk, positions, cache, causal=True, taps=())
+        chunks.append(logits[0])
+        rows = chunk.shape[1]
+        cache.k_cache[:, start : start + rows] = cache.k_local[:, :rows]
+        cache.v_cache[:, start : start + rows] = cache.v_local[:, :rows]
+        cache.cache_len += rows
+    return torch.cat(chunks)[len(prompt_ids) - 1 :]
+
+
 def greedy_top2_gaps(
     target: Any, prompt_ids: Sequence[int], tokens: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced top-1 minus top-2 logit at each new position, and the largest |logit| there.
 
-    Runs the target once over prompt + tokens[:-1] (eager prefill into a scratch cache) and returns
-    (gap [n], scale [n]) float32 on the CPU for the positions that predict tokens[0 .. n-1].
+    Returns (gap [n], scale [n]) float32 on the CPU for the positions that predict tokens[0 .. n-1].
     """
-    sequence = list(prompt_ids) + list(tokens)
-    cache = target.allocate_cache(len(sequence) + 1, 1, min(len(sequence), PREFILL_CHUNK))
-    ids = torch.tensor([sequence[:-1]], dtype=torch.int64, device=target.device)
-    gaps, scales = [], []
-    for start in range(0, ids.shape[1], cache.local_rows):
-        chunk = ids[:, start : start + cache.local_rows]
-        positions = torch.arange(start, start + chunk.shape[1], device=ids.device)[None]
-        logits, _ = target.forward(chunk, positions, cache, causal=True, taps=())
-        top2 = logits[0].topk(2, dim=-1).values
-        gaps.append(top2[:, 0] - top2[:, 1])
-        scales.append(logits[0].abs().amax(dim=-1))
-        rows = chunk.shape[1]
-        cache.k_cache[:, start : start + rows] = cache.k_local[:, :rows]
-        cache.v_cache[:, start : start + rows] = cache.v_local[:, :rows]
-        cache.cache_len += rows
-    first = len(prompt_ids) - 1
-    gap = torch.cat(gaps)[first:].float().cpu()
-    scale = torch.cat(scales)[first:].float().cpu()
-    return gap, scale
+    logits = _teacher_forced_logits(target, prompt_ids, tokens)
+    top2 = logits.topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]).float().cpu(), logits.abs().amax(dim=-1).float().cpu()
+
+
+def non_greedy_tokens(target: Any, prompt_ids: Sequence[int], tokens: Sequence[int]) -> int:
+    """How many of `tokens` the target would not pick greedily after prompt + the tokens before
+    them, up to its dtype's rounding: teacher-forced, a token counts when its logit is below the
+    top-1 logit by more than `near_tie_noise` at that position.
+
+    This is losslessness checked on the output itself: unlike a comparison with a separate AR run,
+    it stays meaningful after a bf16 near tie has (legitimately) sent the two runs apart."""
+    logits = _teacher_forced_logits(target, prompt_ids, tokens).float()
+    chosen = logits.gather(1, torch.tensor(list(tokens), device=logits.device)[:, None])[:, 0]
+    margin = logits.amax(dim=-1) - chosen
+    noise = near_tie_noise(target.dtype, 1.0) * logits.abs().amax(dim=-1)
+    return int((margin > noise).sum())
 
 
 def assert_greedy_equal_up_to_near_tie(

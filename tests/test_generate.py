@@ -21,6 +21,7 @@ from d2sd.generate import (
     assert_greedy_equal_up_to_near_tie,
     greedy_top2_gaps,
     near_tie_noise,
+    non_greedy_tokens,
 )
 from d2sd.sampling import StopChecker, encode_prompt, eos_token_ids
 from tests.test_lossless import GAMMA, GAMMA2, TOPK, OracleDrafter
@@ -331,3 +332,48 @@ def test_top2_gaps_follow_the_ar_argmax() -> None:
     assert (gaps >= 0).all() and (scale > 0).all()
     noise = near_tie_noise(torch.float32, 1.0) * scale
     assert assert_greedy_equal_up_to_near_tie(expected, expected, gaps, noise) == len(expected)
+
+
+def test_non_greedy_tokens_accepts_ar_and_flags_a_wrong_token() -> None:
+    """AR's own output and a lossless d2sd output have no token off the target's argmax; one
+    changed token is caught (there, and wherever the changed context moves the argmax after it)."""
+    target = byte_target()
+    prompt, expected = prompt_and_ar()
+    assert non_greedy_tokens(target, prompt, expected) == 0
+    result = oracle_decoder().generate(prompt, spec_config())
+    assert non_greedy_tokens(target, prompt, result.tokens) == 0
+    gaps, _ = greedy_top2_gaps(target, prompt, expected)
+    index = int(gaps[5:].argmax()) + 5  # a confident position: any other token is far below
+    wrong = list(expected)
+    wrong[index] = (wrong[index] + 1) % 256
+    assert non_greedy_tokens(target, prompt, wrong) >= 1
+    assert non_greedy_tokens(target, prompt, []) == 0
+
+
+class _HostSyncingBackend:
+    """A backend like FlashInfer's that reads device values on the host (not capturable)."""
+
+    name = "syncing"
+    graph_capturable = False
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def cascade(self, *args, **kwargs):
+        return self.inner.cascade(*args, **kwargs)
+
+
+def test_a_backend_that_cannot_be_captured_turns_graphs_off() -> None:
+    target = byte_target()
+    prompt, expected = prompt_and_ar()
+    decoder = oracle_decoder()
+    assert decoder.graph_capturable
+    original = target.backend
+    try:
+        target.backend = _HostSyncingBackend(original)
+        decoder = oracle_decoder()
+        assert not decoder.graph_capturable
+        assert decoder.generate(prompt, spec_config(cuda_graphs=True)).tokens == expected
+        assert set(decoder._graphs) == {False}  # the step runner asked for was the eager one
+    finally:
+        target.backend = original

