@@ -235,3 +235,21 @@ def format_report(
     if baseline is not None and baseline is not stats and baseline.stage_ms:
         parts.append(f"stages of {baseline.mode}:\n{format_stage_table(baseline)}")
     return "\n\n".join(parts)
+
+
+def run_environment(device: Any, world_size: int = 1) -> dict[str, Any]:
+    """Where a run ran, for its JSON: bench/_harness.environment() (GPU, versions, date) where the
+    repository's bench package is importable, plus the device and the number of processes."""
+    try:
+        from bench._harness import environment
+
+        env = environment()
+    except ImportError:  # an installed d2sd without the repository's bench/ folder
+        import platform
+
+        import torch
+
+        env = {"python": platform.python_version(), "torch": torch.__version__}
+    env["device"] = str(device)
+    env["world_size"] = world_size
+    return env

@@ -561,6 +561,7 @@ class Runner:
         self.baseline = p.mode != "ar" and not p.args.no_ar_baseline
         self.mode_results: list[Any] = []
         self.ar_results: list[Any] = []
+        self.prompts: list[list[int]] = []  # the prompt ids of mode_results[i]
         self.records: list[Record] = []
         self._pending_ar: Any = None  # the AR result of the turn being generated
 
@@ -585,6 +586,7 @@ class Runner:
         )
         result = self.decoder.generate(prompt_ids, _config(self.p, self.p.mode))
         self.mode_results.append(result)
+        self.prompts.append(list(prompt_ids))
         self._pending_ar = None
         if self.baseline:
             self._pending_ar = self.decoder.generate(prompt_ids, _config(self.p, "ar"))
@@ -625,16 +627,38 @@ def _summary(p: Plan, runner: Runner) -> tuple[Any, Any, str]:
     ar = RunStats.from_results("ar", runner.ar_results) if runner.ar_results else None
     lines = [format_report(stats, ar, block_size=p.verify_block if p.mode != "ar" else None)]
     if ar is not None and p.args.temperature == 0:
-        same = sum(r.tokens == a.tokens for r, a in zip(runner.mode_results, runner.ar_results))
-        lines.append(
-            f"greedy check: {p.mode} output equals ar output on {same}/{len(runner.ar_results)} "
-            "generations"
-            + ("" if same == len(runner.ar_results) else " (bf16 rounding can split near-ties)")
-        )
+        lines.append(_greedy_check(p, runner))
     return stats, ar, "\n\n".join(lines)
 
 
+def _greedy_check(p: Plan, runner: Runner) -> str:
+    """Greedy outputs vs AR's; where they differ, each output checked token by token against the
+    target itself (teacher-forced), which tells a bf16 near tie from a lost token."""
+    from d2sd.generate import non_greedy_tokens
+
+    total = len(runner.ar_results)
+    same = sum(r.tokens == a.tokens for r, a in zip(runner.mode_results, runner.ar_results))
+    line = f"greedy check: {p.mode} output equals ar output on {same}/{total} generations"
+    if same == total:
+        return line
+    target = runner.models.target
+    valid = sum(
+        non_greedy_tokens(target, prompt, r.tokens) == 0
+        for prompt, r in zip(runner.prompts, runner.mode_results)
+    )
+    dtype = str(target.dtype).removeprefix("torch.")
+    line += (
+        f"; teacher-forced, every {p.mode} token is the target's greedy choice up to {dtype} "
+        f"rounding on {valid}/{total}"
+    )
+    if valid < total:
+        line += " -- a lost token: please report it with --json output"
+    return line
+
+
 def _write_json(path: str, p: Plan, runner: Runner, stats: Any, ar: Any, interrupted: bool) -> None:
+    from d2sd.report import run_environment
+
     def result_dict(r: Any) -> dict | None:
         if r is None:
             return None
@@ -656,6 +680,7 @@ def _write_json(path: str, p: Plan, runner: Runner, stats: Any, ar: Any, interru
             "drafts": p.drafts,
             "max_new_tokens": p.max_new_tokens,
         },
+        "environment": run_environment(p.device),
         "notes": p.notes,
         "interrupted": interrupted,
         "summary": {

@@ -530,3 +530,30 @@ def test_stage_table_shares() -> None:
     assert rows["prefill"] == ["10.0", "2.500", "0.500"]
     assert rows["other"] == ["10.0", "2.500", "0.500"]
     assert rows["total"] == ["100.0", "25.000", "5.000"]
+
+
+def test_greedy_check_tells_a_lost_token_from_a_rounding_split() -> None:
+    """Where greedy outputs differ from AR's, the check asks the target itself (teacher-forced):
+    an output with a token off its argmax is reported as a lost token."""
+    from tests.test_generate import byte_target, prompt_and_ar
+
+    target = byte_target()
+    prompt, ar_tokens = prompt_and_ar()
+    wrong = list(ar_tokens)
+    wrong[3] = (wrong[3] + 1) % 256
+
+    def check(outputs):
+        runner = SimpleNamespace(
+            models=SimpleNamespace(target=target),
+            prompts=[prompt] * len(outputs),
+            mode_results=[SimpleNamespace(tokens=t) for t in outputs],
+            ar_results=[SimpleNamespace(tokens=ar_tokens) for _ in outputs],
+        )
+        return run._greedy_check(SimpleNamespace(mode="d2sd"), runner)
+
+    assert check([ar_tokens, ar_tokens]) == (
+        "greedy check: d2sd output equals ar output on 2/2 generations"
+    )
+    line = check([ar_tokens, wrong])
+    assert "equals ar output on 1/2 generations" in line
+    assert "greedy choice up to float32 rounding on 1/2" in line and "a lost token" in line
