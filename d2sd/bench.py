@@ -45,6 +45,7 @@ import datetime as _dt
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -110,6 +111,7 @@ examples:
   python -m d2sd.bench --target Qwen/Qwen3-8B --draft z-lab/Qwen3-8B-DFlash-b16 \\
       --vp-draft ./ckpt/qwen3-8b-vp --online --out runs/qwen3-8b
   torchrun --nproc_per_node=8 -m d2sd.bench --out runs/8gpu    # prompts split over 8 GPUs
+  python -m d2sd.bench --out runs/8gpu --report-only            # table.md + plots from results.json
 
 exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (finished cells kept)
 """
@@ -190,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument(
         "--no-plots", action="store_true", help="skip the PNG plots (default: draw them)"
     )
+    o.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rewrite table.md and the plots from --out's results.json (of a finished or "
+        "interrupted run; its own settings decide the rows and columns); loads no model "
+        "(default: run the suite)",
+    )
     return p
 
 
@@ -265,8 +274,6 @@ class BenchPlan:
             temperature=temperature,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
             seed=a.seed,
-            # FlashInfer's path reads cache_len on the host: it cannot be graph-captured
-            cuda_graphs=self.backend != "flashinfer",
         )
 
     def settings(self) -> dict[str, Any]:
@@ -684,24 +691,6 @@ class _SharedError(D2SDError):
     """An error every rank raises alike (rank 0's verdict after a collective): printed once."""
 
 
-def _environment(bench_plan: BenchPlan) -> dict[str, Any]:
-    """bench/_harness.environment() (where the repository's bench package is importable) plus
-    the run's device and world size."""
-    try:
-        from bench._harness import environment
-
-        env = environment()
-    except ImportError:  # an installed d2sd without the repository's bench/ folder
-        import platform
-
-        import torch
-
-        env = {"python": platform.python_version(), "torch": torch.__version__}
-    env["device"] = str(bench_plan.device)
-    env["world_size"] = bench_plan.world.size
-    return env
-
-
 class _Suite:
     """The loaded models and decoder of one rank, and the loop over cells."""
 
@@ -819,11 +808,38 @@ def _write_outputs(bench_plan: BenchPlan, results: ResultsFile) -> str:
     return table
 
 
+def report_only(out_dir: Path, plots: bool) -> str:
+    """table.md (returned) and the plots of `out_dir`/results.json, whose settings name the
+    methods, datasets and temperatures; a missing or unreadable file is a D2SDError."""
+    path = out_dir / RESULTS_NAME
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        settings = data["settings"]
+        methods, datasets = settings["methods"], settings["datasets"]
+        temperatures = [float(t) for t in settings["temperatures"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise D2SDError(f"--report-only: cannot read {path} ({exc})") from None
+    table = format_bench_table(data, methods, datasets, temperatures)
+    _write_atomic(out_dir / TABLE_NAME, table)
+    if plots:
+        from d2sd import plots as plotting
+
+        all_methods = ["ar", *[m for m in methods if m != "ar"]]
+        for written in plotting.plot_all(data, out_dir, all_methods, datasets, temperatures):
+            print(f"wrote {written}", file=sys.stderr)
+    return table
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
 def execute(bench_plan: BenchPlan) -> int:
     """Load the models, run every unfinished cell, write results.json, table.md and plots."""
     from tqdm import tqdm
 
     from d2sd.distributed import broadcast_from_main
+    from d2sd.report import run_environment
 
     world = bench_plan.world
     main_rank = world.is_main
@@ -835,7 +851,7 @@ def execute(bench_plan: BenchPlan) -> int:
             results = ResultsFile.open(
                 bench_plan.out_dir / RESULTS_NAME,
                 bench_plan.settings(),
-                _environment(bench_plan),
+                run_environment(bench_plan.device, bench_plan.world.size),
                 {name: [s.id for s in bench_plan.samples[name]] for name in bench_plan.datasets},
                 bench_plan.notes,
             )
@@ -909,12 +925,25 @@ def execute(bench_plan: BenchPlan) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: the exit code (0, 2 for bad input, 130 when interrupted)."""
+    # `timeout` and job schedulers stop a run with SIGTERM: finish like Ctrl-C, table written
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        return _main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     from d2sd import distributed
     from d2sd.run import UsageError
 
     world = None
     planned = False  # options and prompts are checked alike on every rank: report those once
     try:
+        args = build_parser().parse_args(argv)
+        if args.report_only:
+            print(report_only(_out_dir(args), plots=not args.no_plots))
+            return 0
         world = distributed.world_from_env()
         bench_plan = plan(argv, world)
         planned = True

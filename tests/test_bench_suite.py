@@ -200,6 +200,45 @@ def test_interrupt_keeps_the_finished_cells(
     assert "| mt-bench | – | – |" in out
 
 
+def test_sigterm_keeps_the_finished_cells_and_report_only_redraws(
+    tiny: list[tuple[str, float]],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """`timeout` stops a run with SIGTERM: same exit as Ctrl-C, the table written; later
+    --report-only rewrites table.md from results.json without loading or running anything."""
+    import os
+    import signal
+
+    from d2sd.generate import Decoder
+
+    counting = Decoder.generate
+    stop_at = 2 * (1 + GENERATIONS_PER_CELL["gsm8k"]) + 2
+
+    def terminated(self, prompt_ids, config):
+        if len(tiny) + 1 == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return counting(self, prompt_ids, config)
+
+    monkeypatch.setattr(Decoder, "generate", terminated)
+    code, out, err = _run(tmp_path, capsys)
+    assert code == 130 and "interrupted: 2 finished cell(s) kept" in err
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the handler back
+    table = tmp_path / "out" / "table.md"
+    written = table.read_text()
+    table.unlink()
+    calls = len(tiny)
+    code, out, err = _run(tmp_path, capsys, "--report-only", "--no-plots")
+    assert code == 0 and len(tiny) == calls
+    assert table.read_text() == written and out.strip() == written.strip()
+    code, out, err = (
+        bench.main(["--report-only", "--out", str(tmp_path / "nothing")]),
+        *capsys.readouterr(),
+    )
+    assert code == 2 and "cannot read" in err and err.count("\n") == 1
+
+
 def test_help_states_every_default() -> None:
     actions = [a for a in bench.build_parser()._actions if a.dest != "help"]
     assert all("(default:" in (a.help or "") for a in actions), [
