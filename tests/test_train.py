@@ -503,3 +503,29 @@ def test_init_from_target_copies_matching_shapes(tmp_path, tiny):
     )
     assert not any("mlp" in name for name in copied)  # the drafter's MLP is narrower (64 vs 128)
     assert torch.equal(drafter.layers[0].self_attn.k_proj.weight, last.self_attn.k_proj.weight)
+
+
+def test_shipped_smollm2_drafters_are_small_zlab_checkpoints():
+    """d2sd/checkpoints holds the trained defaults: z-lab format, bf16, <= 8 MB each, the taps and
+    block size `python -m d2sd.run` expects, trained on the target's own answers."""
+    import json
+
+    from safetensors import safe_open
+
+    from d2sd.run import CHECKPOINTS
+
+    for name, objective in (("smollm2-dflash", "dflash"), ("smollm2-vp", "vp")):
+        folder = CHECKPOINTS / name
+        config = json.loads((folder / "config.json").read_text())
+        assert config["dflash_config"]["target_layer_ids"] == [1, 14, 27]
+        assert config["dflash_config"]["mask_token_id"] == 49151
+        assert config["block_size"] == 16 and config["num_target_layers"] == 30
+        weights = folder / "model.safetensors"
+        assert weights.stat().st_size <= 8_000_000
+        with safe_open(str(weights), "pt") as f:
+            dtypes = {f.get_slice(k).get_dtype() for k in f.keys()}
+        assert dtypes == {"BF16"}
+        meta = json.loads((folder / "train_meta.json").read_text())
+        assert meta["objective"] == objective and meta["step"] == meta["config"]["steps"] > 0
+        data = json.loads((folder / "data_meta.json").read_text())
+        assert data["complete"] and data["records"] >= 1000
