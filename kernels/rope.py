@@ -1,0 +1,275 @@
+"""Fused q/k RoPE (rotate-half) with the optional per-head RMSNorm of Qwen3, q and k in one launch.
+
+```
+rope_qk(q [..., T, Hq, D], k [..., T, Hkv, D], cos, sin [..., T, D / 2] float32,
+        q_norm_weight=None [D], k_norm_weight=None [D], eps=1e-6)
+    -> q_out [..., T, Hq, D], k_out [..., T, Hkv, D]     (new, contiguous, q's dtype)
+```
+For every head vector x [D] of q and of k (its weight w the q or the k norm weight):
+
+    if weights:  t = x.float();  t = t * rsqrt(mean(t * t) + eps);  x = w * t.to(dtype)
+    c, s = cos.to(dtype), sin.to(dtype);  first, second = x[:D/2], x[D/2:]
+    out = cat(first * c - second * s, second * c + first * s)
+
+which is `d2sd.models.layers.apply_rope(norm(x), cos, sin)` with `norm` = HF's Qwen3RMSNorm.
+
+Rounding: every step is rounded to x's dtype where torch rounds it in that dtype (the normed
+value, its product with the weight, cos and sin, each product, the difference and the sum); the
+arithmetic between roundings is float32, as torch's bf16/fp16 elementwise ops do it. A product of
+two bf16/fp16 values is exact in float32, so each product rounds once, like torch's. FMA
+contraction is switched off for the launch (`enable_fp_fusion=False`), so in float32 the rotation
+matches torch's separate mul/sub/add bit for bit too. What can differ from torch is the norm's
+mean of squares (a different summation order) and rsqrt (here 1 / sqrt, both correctly rounded,
+as torch's CPU kernel; torch's CUDA rsqrt is approximate): a few float32 ulp before the rounding
+to dtype, so a bf16/fp16 result differs from torch's only where that rounding falls the other way.
+
+Layouts:
+* q, k: the last two dims ([H, D]) contiguous; the leading dims [..., T] must flatten to N rows
+  with one row stride (views only, no copies), which may exceed H * D: q and k may be column
+  slices of one fused [..., T, (Hq + 2 Hkv) * D] projection output, `.unflatten`ed to heads.
+* cos, sin: float32 with a unit last stride, leading dims flattenable to `cos_rows` rows. Their
+  leading shape is q's leading shape [..., T], or a suffix of it after leading 1s (e.g. [1, T] or
+  [T] for q [B, T, Hq, D]: the same positions for every batch row). Row n of q uses cos row
+  n % cos_rows, which is exactly that broadcast.
+* weights: [D] contiguous, q's dtype; both None (Llama, Qwen2) or both given (Qwen3).
+* D: a power of two in [16, 256] (each half is one tl.arange block).
+
+Launch: grid (N, Hq + Hkv); program (n, h) rotates head h of row n, of q for h < Hq, else head
+h - Hq of k. Row offsets are int64. Fixed config (launch-bound at decode sizes): one warp.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._attention import call_op
+
+
+@triton.jit
+def _rounded(x, dtype: tl.constexpr):
+    """x (float32) rounded to `dtype` and back: torch's rounding of an elementwise op's result."""
+    return x.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _rope_qk_kernel(
+    # pointers
+    q_ptr,  # [N, Hq, D], rows stride_q_row apart
+    k_ptr,  # [N, Hkv, D], rows stride_k_row apart
+    cos_ptr,  # [cos_rows, D / 2] float32
+    sin_ptr,
+    q_weight_ptr,  # [D] (HAS_NORM)
+    k_weight_ptr,
+    q_out_ptr,  # [N, Hq, D] contiguous
+    k_out_ptr,  # [N, Hkv, D] contiguous
+    # sizes
+    num_q_heads,
+    num_kv_heads,
+    cos_rows,
+    eps,
+    # strides
+    stride_q_row,
+    stride_k_row,
+    stride_cos_row,
+    stride_sin_row,
+    # meta
+    HEAD_DIM: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    half = tl.arange(0, HEAD_DIM // 2)
+    if head < num_q_heads:
+        src = q_ptr + row * stride_q_row + head * HEAD_DIM
+        dst = q_out_ptr + (row * num_q_heads + head) * HEAD_DIM
+        weight_ptr = q_weight_ptr
+    else:
+        kv_head = head - num_q_heads
+        src = k_ptr + row * stride_k_row + kv_head * HEAD_DIM
+        dst = k_out_ptr + (row * num_kv_heads + kv_head) * HEAD_DIM
+        weight_ptr = k_weight_ptr
+    dtype = q_out_ptr.dtype.element_ty
+    first = tl.load(src + half).to(tl.float32)
+    second = tl.load(src + HEAD_DIM // 2 + half).to(tl.float32)
+
+    if HAS_NORM:
+        # HF Qwen3RMSNorm: float32 statistics, the normed value rounded to dtype, then the weight
+        mean_square = (tl.sum(first * first) + tl.sum(second * second)) * (1.0 / HEAD_DIM)
+        inv_rms = tl.div_rn(1.0, tl.sqrt_rn(mean_square + eps))
+        weight_first = tl.load(weight_ptr + half).to(tl.float32)
+        weight_second = tl.load(weight_ptr + HEAD_DIM // 2 + half).to(tl.float32)
+        first = _rounded(weight_first * _rounded(first * inv_rms, dtype), dtype)
+        second = _rounded(weight_second * _rounded(second * inv_rms, dtype), dtype)
+
+    # batch rows beyond cos's rows reuse them: cos broadcast over leading batch dims
+    cos_row = row % cos_rows
+    cos = _rounded(tl.load(cos_ptr + cos_row * stride_cos_row + half), dtype)
+    sin = _rounded(tl.load(sin_ptr + cos_row * stride_sin_row + half), dtype)
+    out_first = _rounded(first * cos, dtype) - _rounded(second * sin, dtype)
+    out_second = _rounded(second * cos, dtype) + _rounded(first * sin, dtype)
+    tl.store(dst + half, out_first.to(dtype))
+    tl.store(dst + HEAD_DIM // 2 + half, out_second.to(dtype))
+
+
+def _head_rows(x: torch.Tensor, name: str) -> torch.Tensor:
+    """[..., T, H, D] -> a view [N, H, D] (rows one stride apart, [H, D] contiguous)."""
+    num_heads, head_dim = x.shape[-2:]
+    assert x.stride(-1) == 1 and (num_heads == 1 or x.stride(-2) == head_dim), (
+        f"{name}: the [H, D] tail must be contiguous, got strides {x.stride()}"
+    )
+    try:
+        return x.view(-1, num_heads, head_dim)
+    except RuntimeError as err:
+        raise AssertionError(
+            f"{name}: leading dims of {tuple(x.shape)} (strides {x.stride()}) must flatten to one "
+            "row stride without a copy"
+        ) from err
+
+
+def _table_rows(table: torch.Tensor, leading: torch.Size, half_dim: int, name: str) -> torch.Tensor:
+    """cos/sin [..., D / 2] -> a view [cos_rows, D / 2]; its leading shape must be `leading`
+    (q's [..., T]) or a suffix of it after leading 1s (broadcast over the batch)."""
+    assert table.dtype == torch.float32, f"{name} must be float32, got {table.dtype}"
+    assert table.dim() >= 1 and table.shape[-1] == half_dim, (
+        f"{name}: last dim must be D / 2 = {half_dim}, got shape {tuple(table.shape)}"
+    )
+    table_leading = list(table.shape[:-1])
+    while table_leading and table_leading[0] == 1 and len(table_leading) > 1:
+        table_leading.pop(0)
+    suffix = list(leading[len(leading) - len(table_leading) :]) if table_leading else []
+    assert len(table_leading) <= len(leading) and table_leading == suffix, (
+        f"{name}: leading shape {tuple(table.shape[:-1])} must be q's {tuple(leading)} or a suffix "
+        "of it after leading 1s"
+    )
+    assert table.stride(-1) == 1, f"{name}: unit last stride required, got {table.stride()}"
+    try:
+        return table.view(-1, half_dim)
+    except RuntimeError as err:
+        raise AssertionError(f"{name}: leading dims must flatten without a copy") from err
+
+
+def _rope_qk_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    assert q.dim() >= 3 and k.dim() == q.dim(), "q [..., T, Hq, D], k [..., T, Hkv, D]"
+    assert q.shape[:-2] == k.shape[:-2] and q.shape[-1] == k.shape[-1], (
+        f"q {tuple(q.shape)} and k {tuple(k.shape)} must share [..., T] and D"
+    )
+    head_dim = q.shape[-1]
+    assert head_dim in (16, 32, 64, 128, 256), (
+        f"head_dim must be a power of two in [16, 256], got {head_dim}"
+    )
+    assert q.dtype == k.dtype and q.dtype in (torch.float32, torch.float16, torch.bfloat16), (
+        f"q, k: one float dtype (fp32/fp16/bf16), got {q.dtype} and {k.dtype}"
+    )
+    assert (q_norm_weight is None) == (k_norm_weight is None), "q/k norm weights: both or neither"
+    has_norm = q_norm_weight is not None
+    if has_norm:
+        for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+            assert w.shape == (head_dim,) and w.stride(0) == 1, f"{name} must be contiguous [D]"
+            assert w.dtype == q.dtype, f"{name} must have q's dtype {q.dtype}, got {w.dtype}"
+            assert w.device == q.device, f"{name} is on {w.device}, q on {q.device}"
+    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
+        assert t.device == q.device, f"{name} is on {t.device}, q on {q.device}"
+    q_rows, k_rows = _head_rows(q, "q"), _head_rows(k, "k")
+    cos_rows = _table_rows(cos, q.shape[:-2], head_dim // 2, "cos")
+    sin_rows = _table_rows(sin, q.shape[:-2], head_dim // 2, "sin")
+    assert cos_rows.shape == sin_rows.shape, f"cos {cos.shape} and sin {sin.shape} must match"
+
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    k_out = torch.empty(k.shape, dtype=q.dtype, device=q.device)
+    num_rows, num_q_heads = q_rows.shape[:2]
+    num_kv_heads = k_rows.shape[1]
+    if num_rows == 0:
+        return q_out, k_out
+    grid = (num_rows, num_q_heads + num_kv_heads)
+    _rope_qk_kernel[grid](
+        q_rows, k_rows, cos_rows, sin_rows,
+        q_norm_weight if has_norm else q_rows, k_norm_weight if has_norm else q_rows,
+        q_out, k_out,
+        num_q_heads, num_kv_heads, cos_rows.shape[0], float(eps),
+        q_rows.stride(0), k_rows.stride(0), cos_rows.stride(0), sin_rows.stride(0),
+        HEAD_DIM=head_dim, HAS_NORM=has_norm,
+        num_warps=1, enable_fp_fusion=False,
+    )  # fmt: skip
+    return q_out, k_out
+
+
+_rope_qk_op = torch.library.custom_op(
+    "d2sd::rope_qk",
+    _rope_qk_impl,
+    mutates_args=(),
+    schema=(
+        "(Tensor q, Tensor k, Tensor cos, Tensor sin, Tensor? q_norm_weight, "
+        "Tensor? k_norm_weight, float eps) -> (Tensor, Tensor)"
+    ),
+)
+
+
+@_rope_qk_op.register_fake
+def _(q, k, cos, sin, q_norm_weight, k_norm_weight, eps):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(
+        k.shape, dtype=q.dtype, device=q.device
+    )
+
+
+def rope_qk(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE (rotate-half) of q and k, after a per-head RMSNorm when the norm weights are given.
+
+    q [..., T, Hq, D], k [..., T, Hkv, D]: one dtype, [H, D] contiguous, leading dims flattenable
+    to rows one stride apart (column slices of a fused projection are fine); cos, sin
+    [..., T, D / 2] float32 with q's leading shape or a suffix of it after leading 1s (batch
+    broadcast); q_norm_weight, k_norm_weight [D] in q's dtype, both or neither.
+    Returns new contiguous q_out [..., T, Hq, D] and k_out [..., T, Hkv, D] in q's dtype.
+    """
+    return call_op(_rope_qk_op, _rope_qk_impl, q, k, cos, sin, q_norm_weight, k_norm_weight, eps)
+
+
+def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF Qwen3RMSNorm's forward, op for op."""
+    t = x.to(torch.float32)
+    variance = t.pow(2).mean(-1, keepdim=True)
+    t = t * torch.rsqrt(variance + eps)
+    return weight * t.to(x.dtype)
+
+
+def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """d2sd.models.layers.apply_rope, op for op."""
+    cos = cos[..., None, :].to(x.dtype)
+    sin = sin[..., None, :].to(x.dtype)
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
+
+
+def rope_qk_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of `rope_qk` in torch (the model's path: Qwen3RMSNorm, then apply_rope, op for
+    op, in q's dtype; no host sync). Same arguments and outputs."""
+    assert (q_norm_weight is None) == (k_norm_weight is None), "q/k norm weights: both or neither"
+    if q_norm_weight is not None:
+        q = _rms_norm_ref(q, q_norm_weight, eps)
+        k = _rms_norm_ref(k, k_norm_weight, eps)
+    return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
