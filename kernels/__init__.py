@@ -11,6 +11,7 @@ from kernels.cascade_attention import cascade_attention, cascade_attention_ref
 from kernels.commit import commit, commit_ref
 from kernels.lse_merge import lse_merge, lse_merge_, lse_merge_ref
 from kernels.prefix_attention import prefix_attention, prefix_attention_ref
+from kernels.rope import rope_qk, rope_qk_ref
 from kernels.topk_confidence import topk_confidence, topk_confidence_ref
 from kernels.tree_mask import Tree, tree_mask, tree_mask_ref
 
@@ -30,6 +31,8 @@ __all__ = [
     "lse_merge_ref",
     "prefix_attention",
     "prefix_attention_ref",
+    "rope_qk",
+    "rope_qk_ref",
     "sample_tokens",
     "sample_tokens_ref",
     "topk_confidence",
