@@ -11,7 +11,9 @@ from kernels.cascade_attention import cascade_attention, cascade_attention_ref
 from kernels.commit import commit, commit_ref
 from kernels.lse_merge import lse_merge, lse_merge_, lse_merge_ref
 from kernels.prefix_attention import prefix_attention, prefix_attention_ref
+from kernels.rms_norm import rms_norm, rms_norm_ref
 from kernels.rope import rope_qk, rope_qk_ref
+from kernels.silu_mul import silu_mul, silu_mul_ref
 from kernels.topk_confidence import topk_confidence, topk_confidence_ref
 from kernels.tree_mask import Tree, tree_mask, tree_mask_ref
 
@@ -31,10 +33,14 @@ __all__ = [
     "lse_merge_ref",
     "prefix_attention",
     "prefix_attention_ref",
+    "rms_norm",
+    "rms_norm_ref",
     "rope_qk",
     "rope_qk_ref",
     "sample_tokens",
     "sample_tokens_ref",
+    "silu_mul",
+    "silu_mul_ref",
     "topk_confidence",
     "topk_confidence_ref",
     "tree_mask",
