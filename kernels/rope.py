@@ -53,7 +53,8 @@ def _rounded(x, dtype: tl.constexpr):
     return x.to(dtype).to(tl.float32)
 
 
-@triton.jit
+# sizes vary between decode steps and families: one compiled variant per dtype / head_dim / norm
+@triton.jit(do_not_specialize=["num_q_heads", "num_kv_heads", "cos_rows", "eps"])
 def _rope_qk_kernel(
     # pointers
     q_ptr,  # [N, Hq, D], rows stride_q_row apart
