@@ -158,6 +158,14 @@ def test_rejects_bad_inputs(change, message) -> None:
         rope_qk(**case)
 
 
+@pytest.mark.parametrize("norm", [False, True])
+def test_opcheck(norm) -> None:
+    # the custom op's schema, fake impl and dispatch (what torch.compile / graphs go through)
+    case = make_case(SMOLLM2, 1, 2, dtype=torch.float32, norm=norm)
+    args = (*case.values(), *(() if norm else (None, None)), 1e-6)
+    torch.library.opcheck(torch.ops.d2sd.rope_qk.default, args)
+
+
 # ---------------------------------------------------------------------------------------------
 # the reference is the model's path: apply_rope after HF's Qwen3RMSNorm, bit for bit (torch only)
 # ---------------------------------------------------------------------------------------------
