@@ -159,8 +159,16 @@ def test_forward_packed_has_gradients():
     assert target.embed_tokens.weight.grad is not None  # shared, trainable only if the caller wants
 
 
-def test_save_load_roundtrip(tmp_path):
+@pytest.mark.parametrize("after_inference", [False, True])
+def test_save_load_roundtrip(tmp_path, after_inference):
     target, drafter, ctx_hidden = _setup()
+    if after_inference:  # stacks q|k|v and gate|up into shared tensors (layers.fused_linear)
+        cache = drafter.allocate_cache(32, batch=2)
+        _fill_context(drafter, ctx_hidden, cache)
+        ids, pos = _blocks(drafter, 2, 11)
+        with torch.no_grad():
+            drafter(ids, pos.expand(2, -1), cache)
+        assert "_d2sd_fused" in drafter.layers[0].self_attn.__dict__
     drafter.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["architectures"] == ["DFlashDraftModel"] and config["model_type"] == "qwen3"

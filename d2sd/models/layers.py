@@ -100,7 +100,27 @@ def decoder_layer(
     attend: Attend,
     spec: BlockSpec,
 ) -> torch.Tensor:
-    """One pre-norm decoder block over HF `layer`'s modules; attention is `attend(q, k, v) -> o`."""
+    """One pre-norm decoder block over HF `layer`'s weights; attention is `attend(q, k, v) -> o`.
+
+    Inference on a dense family runs the fused kernels (`fused_decoder_layer`); training (autograd
+    through HF's modules) and GPT-OSS run HF's modules (`module_decoder_layer`). Both compute the
+    same function; in fp32 on the CPU they agree to rounding (the fused GEMMs reduce alike)."""
+    # HF's dense MLPs keep their config; act_fn's class changes across transformers versions
+    silu_mlp = getattr(getattr(layer.mlp, "config", None), "hidden_act", None) in ("silu", "swish")
+    if spec.fused_block and silu_mlp and not torch.is_grad_enabled():
+        return fused_decoder_layer(layer, x, cos, sin, attend, spec)
+    return module_decoder_layer(layer, x, cos, sin, attend, spec)
+
+
+def module_decoder_layer(
+    layer: nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attend: Attend,
+    spec: BlockSpec,
+) -> torch.Tensor:
+    """`decoder_layer` through HF's own modules (autograd, GPT-OSS)."""
     attn = layer.self_attn
     q, k, v = project_qkv(attn, layer.input_layernorm(x), cos, sin, spec)
     h = x + attn.o_proj(attend(q, k, v).flatten(-2))
@@ -108,3 +128,81 @@ def decoder_layer(
     if spec.mlp_returns_tuple:
         mlp_out = mlp_out[0]
     return h + mlp_out
+
+
+def fused_decoder_layer(
+    layer: nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    attend: Attend,
+    spec: BlockSpec,
+) -> torch.Tensor:
+    """`decoder_layer` in 9 launches besides attention (a graphed step is launch-bound: HF's
+    modules take ~46): RMSNorm, q|k|v GEMM, q/k-norm + RoPE, o_proj, residual add + RMSNorm,
+    gate|up GEMM, SiLU * up, down_proj, residual add. Kernels on CUDA, their torch references on
+    the CPU (d2sd.ops). Layouts as `decoder_layer`; no grad."""
+    from d2sd import ops
+
+    attn, mlp = layer.self_attn, layer.mlp
+    input_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
+    rms_norm = ops.kernel_or_reference("rms_norm", x.device)
+    normed = rms_norm(x, input_norm.weight, input_norm.variance_epsilon)
+    qkv = nn.functional.linear(normed, *fused_linear(attn, ("q_proj", "k_proj", "v_proj")))
+    q_width, kv_width = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+    q, k, v = qkv.split((q_width, kv_width, kv_width), dim=-1)
+    q = q.unflatten(-1, (spec.num_heads, spec.head_dim))
+    k = k.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
+    v = v.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
+    norms = (attn.q_norm, attn.k_norm) if spec.qk_norm else None
+    q, k = ops.kernel_or_reference("rope_qk", x.device)(
+        q,
+        k,
+        cos,
+        sin,
+        norms[0].weight if norms else None,
+        norms[1].weight if norms else None,
+        norms[0].variance_epsilon if norms else 1e-6,
+    )
+    o = attn.o_proj(attend(q, k, v).flatten(-2))
+    normed, h = rms_norm(o, post_norm.weight, post_norm.variance_epsilon, residual=x)
+    gate_up = nn.functional.linear(normed, *fused_linear(mlp, ("gate_proj", "up_proj")))
+    return h + mlp.down_proj(ops.kernel_or_reference("silu_mul", x.device)(gate_up))
+
+
+def fused_linear(
+    module: nn.Module, names: tuple[str, ...]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of the Linear layers `module.<name>` stacked along the output dim, for one
+    GEMM instead of len(names).
+
+    The first call concatenates them and points each layer's weight (and bias) Parameter at a view
+    of the stack (`.data`, so the Parameter objects an optimizer holds stay the module's), so no
+    memory is added and HF's modules keep working on the same numbers; later calls return the
+    stack while the views still live in it (a `.to()` replaces them: it is rebuilt). Run it
+    outside CUDA-graph capture first (the warm-up does)."""
+    linears = [getattr(module, name) for name in names]
+    cached = module.__dict__.get("_d2sd_fused", {}).get(names)
+    if cached is not None and all(_inside(lin.weight, cached[0]) for lin in linears):
+        return cached
+    with torch.no_grad():
+        weight = torch.cat([lin.weight for lin in linears])
+        has_bias = [lin.bias is not None for lin in linears]
+        if any(has_bias) and not all(has_bias):
+            raise ValueError(f"{names}: some have a bias and some not; cannot stack them")
+        bias = torch.cat([lin.bias for lin in linears]) if all(has_bias) else None
+        first = 0
+        for lin in linears:
+            rows = lin.weight.shape[0]
+            lin.weight.data = weight[first : first + rows]
+            if bias is not None:
+                lin.bias.data = bias[first : first + rows]
+            first += rows
+    module.__dict__.setdefault("_d2sd_fused", {})[names] = (weight, bias)
+    return weight, bias
+
+
+def _inside(view: torch.Tensor, stack: torch.Tensor) -> bool:
+    return view.device == stack.device and view.untyped_storage().data_ptr() == (
+        stack.untyped_storage().data_ptr()
+    )

@@ -9,6 +9,10 @@ Per-family differences live in `FAMILIES`, not in per-family copies of the forwa
 | qwen3   | config.attention_bias | yes                             | no              | dense                   |
 | gpt_oss | config.attention_bias | no                              | yes (per head)  | MoE, returns (out, scores) |
 
+The dense families run each block on fused kernels (`Family.fused_block`: one launch per RMSNorm
+with its residual add, one GEMM for q|k|v and one for gate|up, one for q/k-norm + RoPE, one for
+SiLU(gate) * up); GPT-OSS, whose RMSNorm multiplies the weight before the cast, keeps HF's modules.
+
 Biases live inside the HF Linear modules that we call, so they need no entry. Sliding windows
 come from `config.layer_types` ("sliding_attention" layers use `config.sliding_window = W`, i.e.
 `window_left = W - 1`), which covers qwen2/qwen3 (use_sliding_window) and gpt_oss alike.
@@ -32,13 +36,18 @@ class Family:
     qk_norm: bool  # q_norm / k_norm RMSNorm over head_dim, applied before RoPE
     attention_sinks: bool  # per-head sink logit in the softmax denominator
     mlp_returns_tuple: bool  # HF MLP returns (hidden, router_scores)
+    # Llama-convention RMSNorms (weight applied after the cast back) and a dense gated MLP: the
+    # block can run on the fused kernels (d2sd.models.layers); GPT-OSS keeps its HF modules
+    fused_block: bool = True
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family(qk_norm=False, attention_sinks=False, mlp_returns_tuple=False),
     "qwen2": Family(qk_norm=False, attention_sinks=False, mlp_returns_tuple=False),
     "qwen3": Family(qk_norm=True, attention_sinks=False, mlp_returns_tuple=False),
-    "gpt_oss": Family(qk_norm=False, attention_sinks=True, mlp_returns_tuple=True),
+    "gpt_oss": Family(
+        qk_norm=False, attention_sinks=True, mlp_returns_tuple=True, fused_block=False
+    ),
 }
 
 # RoPE variants whose frequencies change with the sequence length at run time: our tables are static.
@@ -54,6 +63,7 @@ class BlockSpec:
     head_dim: int
     qk_norm: bool
     mlp_returns_tuple: bool = False
+    fused_block: bool = True  # see Family.fused_block
 
 
 @dataclass(frozen=True)
@@ -73,11 +83,17 @@ class ModelSpec:
     mlp_returns_tuple: bool
     window_left: tuple[int, ...]  # per layer; -1 = full attention
     rope_type: str
+    fused_block: bool = True  # see Family.fused_block
 
     @property
     def block(self) -> BlockSpec:
         return BlockSpec(
-            self.num_heads, self.num_kv_heads, self.head_dim, self.qk_norm, self.mlp_returns_tuple
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.qk_norm,
+            self.mlp_returns_tuple,
+            self.fused_block,
         )
 
     @classmethod
@@ -118,6 +134,7 @@ class ModelSpec:
             qk_norm=family.qk_norm,
             attention_sinks=family.attention_sinks,
             mlp_returns_tuple=family.mlp_returns_tuple,
+            fused_block=family.fused_block,
             window_left=window_left,
             rope_type=rope_type,
         )
