@@ -11,7 +11,7 @@ For every head vector x [D] of q and of k (its weight w the q or the k norm weig
     c, s = cos.to(dtype), sin.to(dtype);  first, second = x[:D/2], x[D/2:]
     out = cat(first * c - second * s, second * c + first * s)
 
-which is `d2sd.models.layers.apply_rope(norm(x), cos, sin)` with `norm` = HF's Qwen3RMSNorm.
+which is `rotate_half_ref(norm(x), cos, sin)` (the model's RoPE) with `norm` = HF's Qwen3RMSNorm.
 
 Rounding: every step is rounded to x's dtype where torch rounds it in that dtype (the normed
 value, its product with the weight, cos and sin, each product, the difference and the sum); the
@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from kernels._attention import call_op
+from kernels.rms_norm import rms_norm_ref
 
 
 @triton.jit
@@ -242,16 +243,9 @@ def rope_qk(
     return call_op(_rope_qk_op, _rope_qk_impl, q, k, cos, sin, q_norm_weight, k_norm_weight, eps)
 
 
-def _rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF Qwen3RMSNorm's forward, op for op."""
-    t = x.to(torch.float32)
-    variance = t.pow(2).mean(-1, keepdim=True)
-    t = t * torch.rsqrt(variance + eps)
-    return weight * t.to(x.dtype)
-
-
-def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """d2sd.models.layers.apply_rope, op for op."""
+def rotate_half_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [..., T, H, D] by cos/sin [..., T, D / 2] (rotate-half convention, in x's dtype:
+    cos/sin cast first, every product and sum rounded as torch rounds it). The model's RoPE."""
     cos = cos[..., None, :].to(x.dtype)
     sin = sin[..., None, :].to(x.dtype)
     first, second = x.chunk(2, dim=-1)
@@ -267,10 +261,10 @@ def rope_qk_ref(
     k_norm_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference of `rope_qk` in torch (the model's path: Qwen3RMSNorm, then apply_rope, op for
-    op, in q's dtype; no host sync). Same arguments and outputs."""
+    """Reference of `rope_qk` in torch (the model's path: HF's RMSNorm (`rms_norm_ref`), then
+    `rotate_half_ref`, op for op, in q's dtype; no host sync). Same arguments and outputs."""
     assert (q_norm_weight is None) == (k_norm_weight is None), "q/k norm weights: both or neither"
     if q_norm_weight is not None:
-        q = _rms_norm_ref(q, q_norm_weight, eps)
-        k = _rms_norm_ref(k, k_norm_weight, eps)
-    return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
+        q = rms_norm_ref(q, q_norm_weight, eps)
+        k = rms_norm_ref(k, k_norm_weight, eps)
+    return rotate_half_ref(q, cos, sin), rotate_half_ref(k, cos, sin)

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from d2sd.models.spec import BlockSpec
+from kernels.rope import rotate_half_ref as apply_rope  # the model's RoPE, written once
 
 Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -60,14 +61,6 @@ class Rope(nn.Module):
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
         return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [..., T, H, D] by cos/sin [..., T, D / 2] (rotate-half convention, x's dtype)."""
-    cos = cos[..., None, :].to(x.dtype)
-    sin = sin[..., None, :].to(x.dtype)
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((first * cos - second * sin, second * cos + first * sin), dim=-1)
 
 
 def project_kv(
