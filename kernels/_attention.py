@@ -225,6 +225,12 @@ def min_split_keys(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 16
 
 
+def rows_bucket(num_rows: int) -> int:
+    """The autotuning key for a kernel's number of query rows: the next power of two, at most
+    1024, so a few tunings cover every shape (prefill chunks of any length included)."""
+    return min(triton.next_power_of_2(max(num_rows, 1)), 1024)
+
+
 @functools.cache
 def num_kv_splits(
     max_len: int, num_kv_heads: int, num_rows: int, head_dim: int, device: torch.device

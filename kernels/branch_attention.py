@@ -42,6 +42,7 @@ from kernels._attention import (
     interpreting,
     merge_ref,
     merge_states,
+    rows_bucket,
     unpack_mask,
 )
 
@@ -53,7 +54,7 @@ from kernels._attention import (
         "seq_len", "group", "num_states",
         "stride_mb", "stride_mt", "stride_sl_s", "stride_sl_b", "stride_sl_t", "stride_sl_h",
         "stride_lb", "stride_lt", "stride_lh",
-        "window_left", "causal",
+        "window_left", "causal", "rows_bucket",
     ]
 )  # fmt: skip
 def _branch_kernel(
@@ -100,6 +101,7 @@ def _branch_kernel(
     qk_scale,
     window_left,
     causal,
+    rows_bucket,  # autotuning key only (rows_bucket() of seq_len * group)
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -175,11 +177,12 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-# Tiny, latency-bound work (T keys, T * group rows per program): tile sizes follow head_dim, group
-# and whether there is local attention at all; never the lengths.
-_branch = triton.autotune(configs=_configs(), key=["HEAD_DIM", "group", "HAS_LOCAL", "HAS_MASK"])(
-    _branch_kernel
-)
+# Tiny, latency-bound work (T keys, T * group rows per program): tile sizes follow head_dim, group,
+# whether there is local attention at all and the rows per branch (an AR step has `group`, a verify
+# T * group); never the prefix length.
+_branch = triton.autotune(
+    configs=_configs(), key=["HEAD_DIM", "group", "HAS_LOCAL", "HAS_MASK", "rows_bucket"]
+)(_branch_kernel)
 
 
 def launch_branch(
@@ -225,7 +228,7 @@ def launch_branch(
         *local_strides, *mask_strides,
         *state_o.stride()[:4], *state_lse.stride(),
         *o.stride()[:3], *lse.stride(),
-        sm_scale * LOG2E, window_left, int(causal),
+        sm_scale * LOG2E, window_left, int(causal), rows_bucket(seq * group),
         HEAD_DIM=head_dim, HAS_LOCAL=has_local, HAS_MASK=mask is not None,
         DOT_PRECISION=dot_precision(o.dtype if q is None else q.dtype),
     )  # fmt: skip

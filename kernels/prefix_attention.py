@@ -43,6 +43,7 @@ from kernels._attention import (
     interpreting,
     min_split_keys,
     num_kv_splits,
+    rows_bucket,
 )
 
 
@@ -52,7 +53,7 @@ from kernels._attention import (
     do_not_specialize=[
         "num_rows", "seq_len", "group", "max_len", "num_splits", "split_min_keys",
         "stride_ls", "stride_lb", "stride_lt", "stride_lh",
-        "window_left", "store_empty_o",
+        "window_left", "store_empty_o", "rows_bucket",
     ]
 )  # fmt: skip
 def _prefix_split_kernel(
@@ -90,6 +91,7 @@ def _prefix_split_kernel(
     qk_scale,
     window_left,
     store_empty_o,
+    rows_bucket,  # autotuning key only (rows_bucket() of num_rows)
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -184,11 +186,13 @@ def _configs() -> list[triton.Config]:
     ]
 
 
-# The winner depends on the tile shapes (head_dim, GQA group) and on the parallelism (splits); not
-# on the prefix length, which changes every step.
-_prefix_split = triton.autotune(configs=_configs(), key=["HEAD_DIM", "group", "num_splits"])(
-    _prefix_split_kernel
-)
+# The winner depends on the tile shapes (head_dim, GQA group), the parallelism (splits) and the
+# number of query rows (an AR step has `group` rows, a verify B*T*group: H200 bench of one config
+# for all, 2026-11-29: B=5 T=16 took 24.8 us at L=2048 where B=9 T=16 took 21.6); not on the prefix
+# length, which changes every step.
+_prefix_split = triton.autotune(
+    configs=_configs(), key=["HEAD_DIM", "group", "num_splits", "rows_bucket"]
+)(_prefix_split_kernel)
 
 
 def check_prefix_inputs(
@@ -254,7 +258,7 @@ def launch_prefix_split(
         num_rows, seq, group, max_len, num_splits, min_split_keys(q.device),
         *q.stride()[:3], *k_cache.stride()[:2], *v_cache.stride()[:2],
         *part_o.stride()[:4], *part_lse.stride(),
-        sm_scale * LOG2E, window_left, int(store_empty_o),
+        sm_scale * LOG2E, window_left, int(store_empty_o), rows_bucket(num_rows),
         HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(q.dtype),
     )  # fmt: skip
 
