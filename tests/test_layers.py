@@ -189,3 +189,26 @@ def test_fused_block_launches() -> None:
         module_decoder_layer(unfused, x, cos, sin, lambda q, k, v: attended, spec.block)
     assert len(fused.launches) == 9, fused.launches
     assert len(modules.launches) == 49, modules.launches
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", DENSE)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_block_on_cuda(family: str, dtype: torch.dtype) -> None:
+    """The fused block on the GPU kernels vs HF's modules in the same dtype, both against fp32:
+    the fused error at most 2x the modules' own (plus a few ulp of the output's scale)."""
+    hf, spec, rope = _block(family, seed=3)
+    hf = hf.cuda()
+    x, cos, sin = _inputs(hf, spec, rope, batch=5, tokens=16)
+    x, cos, sin = x.cuda(), cos.cuda(), sin.cuda()
+    low = copy.deepcopy(hf).to(dtype)
+    for layer32, layer in zip(hf.model.layers, low.model.layers):
+        with torch.no_grad():
+            reference = module_decoder_layer(layer32, x, cos, sin, _attend, spec.block)
+            modules = module_decoder_layer(layer, x.to(dtype), cos, sin, _attend, spec.block)
+            fused = fused_decoder_layer(layer, x.to(dtype), cos, sin, _attend, spec.block)
+        module_error = (modules.float() - reference).abs().max().item()
+        fused_error = (fused.float() - reference).abs().max().item()
+        slack = 4 * torch.finfo(dtype).eps * reference.abs().max().item()
+        assert fused_error <= 2 * module_error + slack, (fused_error, module_error)
+        x = reference

@@ -43,7 +43,7 @@ case "$step" in
   system)
     timeout 500 python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_attention_backends.py tests/test_models.py tests/test_drafter.py \
-      tests/test_graphs.py tests/test_generate.py tests/test_lossless.py tests/test_run_cli.py \
+      tests/test_graphs.py tests/test_generate.py tests/test_lossless.py tests/test_run_cli.py tests/test_layers.py \
       tests/test_train.py 2>&1 | tee "$out/gpu-system-tests.log" | tail -n 40
     ;;
   train)
