@@ -1,7 +1,7 @@
 """The shared layer code of targets and drafters: RoPE, q/k projections, the decoder block.
 
-One decoder block, written once (HF module objects do the projections, norms and MLP; we do the
-rest):
+One decoder block, written once: HF's modules compute it with autograd (training) and for GPT-OSS;
+at inference the dense families run it on fused kernels (`fused_decoder_layer`, same math):
 
     h   = x + o_proj(attend(q, k, v))        q, k, v from input_layernorm(x)
     out = h + mlp(post_attention_layernorm(h))
@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from d2sd import ops
 from d2sd.models.spec import BlockSpec
 from kernels.rope import rotate_half_ref as apply_rope  # the model's RoPE, written once
 
@@ -132,11 +133,9 @@ def fused_decoder_layer(
     spec: BlockSpec,
 ) -> torch.Tensor:
     """`decoder_layer` in 9 launches besides attention (a graphed step is launch-bound: HF's
-    modules take ~46): RMSNorm, q|k|v GEMM, q/k-norm + RoPE, o_proj, residual add + RMSNorm,
+    modules take 49): RMSNorm, q|k|v GEMM, q/k-norm + RoPE, o_proj, residual add + RMSNorm,
     gate|up GEMM, SiLU * up, down_proj, residual add. Kernels on CUDA, their torch references on
     the CPU (d2sd.ops). Layouts as `decoder_layer`; no grad."""
-    from d2sd import ops
-
     attn, mlp = layer.self_attn, layer.mlp
     input_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
     rms_norm = ops.kernel_or_reference("rms_norm", x.device)
