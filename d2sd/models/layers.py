@@ -183,6 +183,14 @@ def fused_linear(
         if any(has_bias) and not all(has_bias):
             raise ValueError(f"{names}: some have a bias and some not; cannot stack them")
         bias = torch.cat([lin.bias for lin in linears]) if all(has_bias) else None
+        if weight.is_cuda:
+            # the first call may run on a side stream (graph warm-up): keep the old blocks from
+            # being reused by the allocator until that stream's copy has read them
+            stream = torch.cuda.current_stream(weight.device)
+            for lin in linears:
+                for old in (lin.weight, lin.bias):
+                    if old is not None:
+                        old.data.record_stream(stream)
         first = 0
         for lin in linears:
             rows = lin.weight.shape[0]
