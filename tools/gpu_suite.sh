@@ -6,6 +6,7 @@
 #   tools/gpu_suite.sh kernels         GPU kernel tests (vs fp32 references, and vs FlashInfer when
 #                                      the .device bundle is carried) + `python -m bench.kernels`,
 #                                      one kernel at a time so that a slow one cannot lose the rest
+#                                      (`kernel-tests` / `kernel-bench`: one half, e.g. one per GPU)
 #   tools/gpu_suite.sh system          model/backend/loop GPU tests (tiny models, bf16, CUDA graphs,
 #                                      set_sync_debug_mode) and the CLI's CUDA test
 #   tools/gpu_suite.sh cycle8b         per-stage cycle cost at Qwen3-8B scale (bench.cycle_8b)
@@ -26,20 +27,31 @@ mkdir -p "$out"
 [ -f .device/setup.sh ] && source .device/setup.sh
 export PYTHONUNBUFFERED=1 D2SD_RESULTS_DIR="$out"
 
-step=${1:?usage: tools/gpu_suite.sh kernels|system|cycle8b|train GGUF DIR|e2e GGUF|eval GGUF [N]}
+step=${1:?usage: tools/gpu_suite.sh kernels|kernel-tests|kernel-bench|system|cycle8b|train GGUF DIR|e2e GGUF|eval GGUF [N]}
+
+kernel_tests() {
+  timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider \
+    tests/test_lse_merge.py tests/test_prefix_attention.py tests/test_branch_attention.py \
+    tests/test_cascade_attention.py tests/test_topk_confidence.py tests/test_tree_mask.py \
+    tests/test_accept.py tests/test_sample_tokens.py tests/test_commit.py tests/test_rms_norm.py \
+    tests/test_silu_mul.py tests/test_rope.py 2>&1 | tee "$out/gpu-kernel-tests.log" | tail -n 25
+}
+
+kernel_bench() {
+  # cascade_attention first compiles FlashInfer's paged two-level cascade (two variants, ~100 s each)
+  for kernel in cascade_attention:400 prefix_attention:150 branch_attention:150 lse_merge:90 \
+    accept:150 topk_confidence:90 tree_mask:90 commit:90 rms_norm:90 silu_mul:90 rope:90; do
+    timeout "${kernel#*:}" python3 -m bench.kernels --only "${kernel%%:*}" --out "$out" 2>&1 | tee -a "$out/bench-kernels.log" | tail -n 40
+  done
+}
+
 case "$step" in
   kernels)
-    timeout 300 python3 -m pytest -m gpu -q -p no:cacheprovider \
-      tests/test_lse_merge.py tests/test_prefix_attention.py tests/test_branch_attention.py \
-      tests/test_cascade_attention.py tests/test_topk_confidence.py tests/test_tree_mask.py \
-      tests/test_accept.py tests/test_sample_tokens.py tests/test_commit.py tests/test_rms_norm.py \
-      tests/test_silu_mul.py tests/test_rope.py 2>&1 | tee "$out/gpu-kernel-tests.log" | tail -n 25
-    # cascade_attention first compiles FlashInfer's paged two-level cascade (two variants, ~100 s each)
-    for kernel in cascade_attention:400 prefix_attention:150 branch_attention:150 lse_merge:90 \
-      accept:150 topk_confidence:90 tree_mask:90 commit:90 rms_norm:90 silu_mul:90 rope:90; do
-      timeout "${kernel#*:}" python3 -m bench.kernels --only "${kernel%%:*}" --out "$out" 2>&1 | tee -a "$out/bench-kernels.log" | tail -n 40
-    done
+    kernel_tests
+    kernel_bench
     ;;
+  kernel-tests) kernel_tests ;;
+  kernel-bench) kernel_bench ;;
   system)
     timeout 500 python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_attention_backends.py tests/test_models.py tests/test_drafter.py \
@@ -74,7 +86,7 @@ case "$step" in
     done
     ;;
   *)
-    echo "unknown step '$step' (kernels, system, cycle8b, train, e2e or eval)" >&2
+    echo "unknown step '$step' (kernels, kernel-tests, kernel-bench, system, cycle8b, train, e2e or eval)" >&2
     exit 2
     ;;
 esac
