@@ -15,6 +15,7 @@ Buffers start zeroed so that rows past cache_len are finite.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -67,3 +68,31 @@ class Cache:
     def reset(self) -> None:
         """Forget every committed row (device-side; the buffers are kept)."""
         self.cache_len.zero_()
+
+    def attend(
+        self,
+        backend: Any,
+        layer: int,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        **cascade_options: Any,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s attention of this step: write k, v [B, T, Hkv, D] into local rows
+        [0, B * T) and attend q [B, T, Hq, D] to the committed prefix and those rows through
+        `backend.cascade` (its options passed on: causal, mask, sm_scale, ...)."""
+        rows = k.shape[0] * k.shape[1]
+        # one strided copy each (k and v may be views into a fused q|k|v projection)
+        k_local = self.k_local[layer, :rows].view(k.shape)
+        v_local = self.v_local[layer, :rows].view(v.shape)
+        k_local.copy_(k)
+        v_local.copy_(v)
+        return backend.cascade(
+            q,
+            self.k_cache[layer],
+            self.v_cache[layer],
+            self.cache_len,
+            k_local,
+            v_local,
+            **cascade_options,
+        )

@@ -465,20 +465,7 @@ class DFlashDrafter(nn.Module):
         for index, layer in enumerate(self.layers):
 
             def attend(q, k, v, index=index):
-                # one strided copy each (v is a view into the fused q|k|v projection)
-                k_local = cache.k_local[index, :rows].view(k.shape)
-                v_local = cache.v_local[index, :rows].view(v.shape)
-                k_local.copy_(k)
-                v_local.copy_(v)
-                return self.backend.cascade(
-                    q,
-                    cache.k_cache[index],
-                    cache.v_cache[index],
-                    cache.cache_len,
-                    k_local,
-                    v_local,
-                    causal=False,
-                )
+                return cache.attend(self.backend, index, q, k, v, causal=False)
 
             x = decoder_layer(layer, x, cos, sin, attend, block)
         return x

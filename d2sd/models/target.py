@@ -170,18 +170,12 @@ class TargetModel(nn.Module):
         for index, layer in enumerate(self.hf.model.layers):
 
             def attend(q, k, v, index=index, layer=layer):
-                # one strided copy each (v is a view into the fused q|k|v projection)
-                k_local = cache.k_local[index, :rows].view(k.shape)
-                v_local = cache.v_local[index, :rows].view(v.shape)
-                k_local.copy_(k)
-                v_local.copy_(v)
-                out = self.backend.cascade(
+                out = cache.attend(
+                    self.backend,
+                    index,
                     q,
-                    cache.k_cache[index],
-                    cache.v_cache[index],
-                    cache.cache_len,
-                    k_local,
-                    v_local,
+                    k,
+                    v,
                     causal=causal,
                     mask=mask,
                     sm_scale=spec.sm_scale,
