@@ -41,6 +41,7 @@ from typing import Protocol
 import torch
 
 from d2sd.errors import D2SDError
+from kernels import lse_merge_ref, unpack_mask
 
 LOG2E = 1.0 / math.log(2.0)
 BACKEND_NAMES = ("torch", "triton", "flashinfer")
@@ -75,29 +76,6 @@ class AttentionBackend(Protocol):
 # --------------------------------------------------------------------------------------------
 
 
-def unpack_mask(mask: torch.Tensor, num_keys: int) -> torch.Tensor:
-    """Bit-packed int32 mask [..., T, W] -> bool [..., T, num_keys] (bit j % 32 of word j // 32)."""
-    key = torch.arange(num_keys, device=mask.device)
-    words = mask[..., key // 32]
-    return ((words >> (key % 32)) & 1).bool()
-
-
-def pack_mask(visible: torch.Tensor) -> torch.Tensor:
-    """Bool [..., T, N] -> bit-packed int32 [..., T, ceil(N / 32)] (inverse of `unpack_mask`)."""
-    num_keys = visible.shape[-1]
-    num_words = (num_keys + 31) // 32
-    padded = torch.zeros(
-        *visible.shape[:-1], num_words * 32, dtype=torch.int64, device=visible.device
-    )
-    padded[..., :num_keys] = visible.long()
-    bits = padded.view(*visible.shape[:-1], num_words, 32) << torch.arange(
-        32, device=visible.device
-    )
-    words = bits.sum(-1)
-    # two's complement wrap of bit 31 into int32
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
 def _attend(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, visible: torch.Tensor, sm_scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,24 +100,6 @@ def _attend(
     out = out / denom_t.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
     lse = (torch.log(denom_t) + row_max.squeeze(-1).permute(0, 3, 1, 2)) * LOG2E
     return out.reshape(batch, num_q, num_heads, head_dim), lse.reshape(batch, num_q, num_heads)
-
-
-def merge_states(
-    o_a: torch.Tensor, lse_a: torch.Tensor, o_b: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two attention states over disjoint key sets by their base-2 lse (fp32).
-
-    o [..., H, D], lse [..., H]. Two empty states give o = 0, lse = -inf.
-    """
-    top = torch.maximum(lse_a, lse_b)
-    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
-    w_a = torch.exp2(lse_a - top)
-    w_b = torch.exp2(lse_b - top)
-    total = w_a + w_b
-    o = (o_a.float() * w_a[..., None] + o_b.float() * w_b[..., None]) / total.clamp_min(
-        torch.finfo(torch.float32).tiny
-    )[..., None]
-    return o, torch.log2(total) + top
 
 
 def prefix_attention_torch(
@@ -216,7 +176,7 @@ def cascade_attention_torch(
     o_l, lse_l = local_attention_torch(
         q, k_local, v_local, causal=causal, mask=mask, sm_scale=sm_scale, window_left=window_left
     )
-    o, lse = merge_states(o_p, lse_p, o_l, lse_l)
+    o, lse = lse_merge_ref(o_p, lse_p, o_l, lse_l)
     o = o.to(q.dtype)
     return (o, lse) if return_lse else o
 

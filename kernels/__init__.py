@@ -5,6 +5,7 @@ launcher has the name of its file, so the imports below deliberately bind the fu
 submodule attribute that the import system sets (`kernels.commit` is the function).
 """
 
+from kernels._attention import pack_mask, unpack_mask
 from kernels.accept import Accept, accept, accept_ref, sample_tokens, sample_tokens_ref
 from kernels.branch_attention import branch_attention, branch_attention_ref
 from kernels.cascade_attention import cascade_attention, cascade_attention_ref
@@ -31,6 +32,7 @@ __all__ = [
     "lse_merge",
     "lse_merge_",
     "lse_merge_ref",
+    "pack_mask",
     "prefix_attention",
     "prefix_attention_ref",
     "rms_norm",
@@ -45,4 +47,5 @@ __all__ = [
     "topk_confidence_ref",
     "tree_mask",
     "tree_mask_ref",
+    "unpack_mask",
 ]

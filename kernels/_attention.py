@@ -336,3 +336,19 @@ def unpack_mask(mask: torch.Tensor, num_keys: int) -> torch.Tensor:
     keys = torch.arange(num_keys, device=mask.device)
     words = mask[..., keys // 32].to(torch.int64)
     return ((words >> (keys % 32)) & 1).to(torch.bool)
+
+
+def pack_mask(visible: torch.Tensor) -> torch.Tensor:
+    """bool [..., T, N] -> bit-packed int32 [..., T, ceil(N / 32)] (inverse of `unpack_mask`)."""
+    num_keys = visible.shape[-1]
+    num_words = (num_keys + 31) // 32
+    padded = torch.zeros(
+        *visible.shape[:-1], num_words * 32, dtype=torch.int64, device=visible.device
+    )
+    padded[..., :num_keys] = visible.to(torch.int64)
+    bits = padded.view(*visible.shape[:-1], num_words, 32) << torch.arange(
+        32, device=visible.device
+    )
+    words = bits.sum(-1)  # < 2^32
+    # two's complement wrap of bit 31 into int32
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import pack_mask
 from tests.conftest import interpreting
 
 DEVICE = "cpu" if interpreting() or not torch.cuda.is_available() else "cuda"
@@ -100,17 +101,6 @@ def make_problem(
         k_local=randn(batch, seq, num_kv_heads, head_dim),
         v_local=randn(batch, seq, num_kv_heads, head_dim),
     )
-
-
-def pack_mask(dense: torch.Tensor) -> torch.Tensor:
-    """bool [..., T, S] -> int32 [..., T, ceil(S / 32)] (bit j % 32 of word j // 32)."""
-    num_keys = dense.shape[-1]
-    words = (num_keys + 31) // 32
-    padded = torch.zeros(*dense.shape[:-1], words * 32, dtype=torch.int64, device=dense.device)
-    padded[..., :num_keys] = dense.to(torch.int64)
-    bits = padded.view(*dense.shape[:-1], words, 32) << torch.arange(32, device=dense.device)
-    packed = bits.sum(-1)  # < 2^32
-    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
 def random_tree_mask(

@@ -12,14 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from d2sd.attention import (
-    available_backends,
-    get_backend,
-    merge_states,
-    pack_mask,
-    unpack_mask,
-)
+from d2sd.attention import available_backends, get_backend
 from d2sd.errors import D2SDError
+from kernels import lse_merge_ref, pack_mask, unpack_mask
 
 
 def _random_tree_mask(batch: int, num_q: int, *, shared: bool, empty_rows: bool = False):
@@ -184,20 +179,21 @@ def test_mask_pack_roundtrip():
     assert torch.equal(unpack_mask(packed, 70), visible)
 
 
-def test_merge_states_equals_joint_softmax():
+def test_merge_equals_joint_softmax():
+    """The merge of the torch backend (kernels.lse_merge_ref): two states = one joint softmax."""
     scores_a, scores_b = torch.randn(4, 3, 10), torch.randn(4, 3, 6)
     values_a, values_b = torch.randn(10, 8), torch.randn(6, 8)
 
     def state(scores, values):
         return torch.softmax(scores, -1) @ values, torch.logsumexp(scores, -1) / math.log(2)
 
-    o, lse = merge_states(*state(scores_a, values_a), *state(scores_b, values_b))
+    o, lse = lse_merge_ref(*state(scores_a, values_a), *state(scores_b, values_b))
     ref_o, ref_lse = state(torch.cat([scores_a, scores_b], -1), torch.cat([values_a, values_b]))
     torch.testing.assert_close(o, ref_o, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
     # merging with an empty state is the identity
     empty = (torch.zeros_like(ref_o), torch.full_like(ref_lse, float("-inf")))
-    o2, lse2 = merge_states(ref_o, ref_lse, *empty)
+    o2, lse2 = lse_merge_ref(ref_o, ref_lse, *empty)
     torch.testing.assert_close(o2, ref_o)
     torch.testing.assert_close(lse2, ref_lse)
 

@@ -12,9 +12,10 @@ import re
 import pytest
 import torch
 
-from d2sd.attention import available_backends, pack_mask
+from d2sd.attention import available_backends
 from d2sd.errors import D2SDError
 from d2sd.models import ModelSpec, TargetModel, resolve_target_source
+from kernels import pack_mask
 from tests.tiny_models import FAMILY_NAMES, tiny_config, tiny_hf_model, tiny_target
 
 VOCAB = 320
