@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from d2sd import bench
+from tests.tiny_models import install_tiny_default_target
 
 GSM8K = [
     {"question": "What is 2 + 3?", "answer": "#### 5"},
@@ -31,20 +32,6 @@ ARGV = [
 GENERATIONS_PER_CELL = {"gsm8k": 2, "mt-bench": 4}  # prompts x turns
 
 
-def install_tiny_target(setattr_) -> None:
-    """Make `--target default` load a tiny llama (context 512, byte tokenizer) with no shipped
-    drafters (so the drafters are random); `setattr_(obj, name, value)` is monkeypatch.setattr
-    in a test or plain setattr in a spawned process."""
-    from d2sd import models, run
-    from tests import tiny_models
-
-    _, target = tiny_models.tiny_target("llama", vocab_size=320)
-    setattr_(torch.cuda, "is_available", lambda: False)
-    setattr_(models.TargetModel, "from_hf", classmethod(lambda cls, *a, **k: target))
-    setattr_(models.loading, "resolve_target_source", lambda source: None)
-    setattr_(run, "SHIPPED_DRAFTS", {role: Path("/nonexistent") for role in run.SHIPPED_DRAFTS})
-
-
 def write_datasets(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for name, records in (("gsm8k_test.jsonl", GSM8K), ("mt_bench.jsonl", MT_BENCH)):
@@ -57,7 +44,7 @@ def tiny(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> list[tuple[str, flo
     """Tiny target + data dir; returns the log of generate calls (mode, temperature)."""
     from d2sd.generate import Decoder
 
-    install_tiny_target(monkeypatch.setattr)
+    install_tiny_default_target(monkeypatch.setattr)
     calls: list[tuple[str, float]] = []
     original = Decoder.generate
 
@@ -385,20 +372,7 @@ def test_8b_cycle_tiny_times_the_decoders_steps(
 def test_suite_on_cuda(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from d2sd import models, run
-    from tests import tiny_models
-
-    hf = tiny_models.tiny_hf_model("llama", vocab_size=320)
-    tokenizer = tiny_models.tiny_tokenizer()
-
-    def from_hf(cls, source, *, dtype, device, backend):
-        return cls(hf.to(device=device, dtype=dtype), backend, tokenizer=tokenizer)
-
-    monkeypatch.setattr(models.TargetModel, "from_hf", classmethod(from_hf))
-    monkeypatch.setattr(models.loading, "resolve_target_source", lambda source: None)
-    monkeypatch.setattr(
-        run, "SHIPPED_DRAFTS", {role: Path("/nonexistent") for role in run.SHIPPED_DRAFTS}
-    )
+    install_tiny_default_target(monkeypatch.setattr, cuda=True)
     data = write_datasets(tmp_path / "data")
     argv = [a for a in ARGV if a not in ("--device", "cpu")]
     argv = [*argv, "--methods", "ar,dflash,d2sd", "--max-new-tokens", "24"]

@@ -113,9 +113,9 @@ def _rank_main(
         HF_HUB_OFFLINE="1",
     )
     torch.set_num_threads(1)
-    from tests.test_bench_suite import install_tiny_target
+    from tests.tiny_models import install_tiny_default_target
 
-    install_tiny_target(setattr)
+    install_tiny_default_target(setattr)
     if rank == fail_rank:
         from d2sd.generate import Decoder
 
@@ -146,14 +146,15 @@ def _spawn_two_ranks(argv: list[str], *more: object) -> None:
 def test_two_gloo_ranks_gather_the_one_process_tokens(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
-    from tests.test_bench_suite import install_tiny_target, write_datasets
+    from tests.test_bench_suite import write_datasets
+    from tests.tiny_models import install_tiny_default_target
 
     data = write_datasets(tmp_path / "data")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(var, raising=False)
     _spawn_two_ranks([*ARGV, "--data-dir", str(data), "--out", str(tmp_path / "two")])
 
-    install_tiny_target(monkeypatch.setattr)
+    install_tiny_default_target(monkeypatch.setattr)
     assert bench.main([*ARGV, "--data-dir", str(data), "--out", str(tmp_path / "one")]) == 0
     capsys.readouterr()
 

@@ -191,16 +191,9 @@ def test_validates_before_loading(
 def tiny(monkeypatch: pytest.MonkeyPatch):
     """`--target default` loads a tiny llama (hidden 96, context 512, byte tokenizer); no shipped
     drafters, so the default drafters are random ones for it."""
-    from d2sd import models
-    from tests import tiny_models
+    from tests.tiny_models import install_tiny_default_target
 
-    _, target = tiny_models.tiny_target("llama", vocab_size=320)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU defaults everywhere
-    monkeypatch.setattr(models.TargetModel, "from_hf", classmethod(lambda cls, *a, **k: target))
-    monkeypatch.setattr(models.loading, "resolve_target_source", lambda source: None)
-    monkeypatch.setattr(
-        run, "SHIPPED_DRAFTS", {role: Path("/nonexistent") for role in run.SHIPPED_DRAFTS}
-    )
+    target = install_tiny_default_target(monkeypatch.setattr)
     return target
 
 
@@ -287,20 +280,9 @@ def test_tiny_run_on_cuda(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture, layout: str
 ) -> None:
     # the CUDA defaults: bf16, the triton backend, CUDA graphs, a warm-up before the timed runs
-    from d2sd import models
-    from tests import tiny_models
+    from tests.tiny_models import install_tiny_default_target
 
-    hf = tiny_models.tiny_hf_model("llama", vocab_size=320)
-    tokenizer = tiny_models.tiny_tokenizer()
-
-    def from_hf(cls, source, *, dtype, device, backend):
-        return cls(hf.to(device=device, dtype=dtype), backend, tokenizer=tokenizer)
-
-    monkeypatch.setattr(models.TargetModel, "from_hf", classmethod(from_hf))
-    monkeypatch.setattr(models.loading, "resolve_target_source", lambda source: None)
-    monkeypatch.setattr(
-        run, "SHIPPED_DRAFTS", {role: Path("/nonexistent") for role in run.SHIPPED_DRAFTS}
-    )
+    install_tiny_default_target(monkeypatch.setattr, cuda=True)
     out_json = tmp_path / "r.json"
     argv = ["--block-size", "4", "--topk", "2", "--max-new-tokens", "24"]
     code, out, err = _main([*argv, "--verify-layout", layout, "--json", str(out_json)], capsys)

@@ -191,3 +191,37 @@ def tiny_drafter(
     # unit norms and 0.02-scale weights make a near-identity drafter; give every piece weight
     _randomize(drafter, seed + 1)
     return drafter
+
+
+def install_tiny_default_target(setattr_, *, cuda: bool = False):
+    """Make `--target default` (d2sd.run, d2sd.bench) load a tiny llama (hidden 96, context 512,
+    byte tokenizer) with no shipped drafters, so the default drafters are random ones for it.
+
+    `setattr_(obj, name, value)` is monkeypatch.setattr in a test or plain setattr in a spawned
+    process. cuda=False: one CPU target (torch backend) and torch.cuda.is_available() -> False, so
+    the CPU defaults apply everywhere; returns that target. cuda=True: the tiny HF model moved to
+    the device, dtype and backend the CLI asks for (its CUDA defaults); returns None.
+    """
+    from pathlib import Path
+
+    from d2sd import models, run
+
+    if cuda:
+        hf = tiny_hf_model("llama", vocab_size=320)
+        tokenizer = tiny_tokenizer()
+
+        def from_hf(cls, source, *, dtype, device, backend):
+            return cls(hf.to(device=device, dtype=dtype), backend, tokenizer=tokenizer)
+
+        target = None
+    else:
+        _, target = tiny_target("llama", vocab_size=320)
+        setattr_(torch.cuda, "is_available", lambda: False)
+
+        def from_hf(cls, *args, **kwargs):
+            return target
+
+    setattr_(models.TargetModel, "from_hf", classmethod(from_hf))
+    setattr_(models.loading, "resolve_target_source", lambda source: None)
+    setattr_(run, "SHIPPED_DRAFTS", {role: Path("/nonexistent") for role in run.SHIPPED_DRAFTS})
+    return target
