@@ -64,6 +64,23 @@ def zlab_reference(drafter, block_ids, block_pos, ctx_hidden, ctx_pos):
     return drafter.lm_head(drafter.norm(x)).float()
 
 
+def _sdpa_attend(visible: torch.Tensor | None = None):
+    """The training path's `attend(q [M, Hq, D], k, v [S + M, Hkv, D])`: SDPA over the GQA groups,
+    with `visible` bool [M, S + M] (every key when None)."""
+
+    def attend(q, k, v):
+        group = q.shape[1] // k.shape[1]
+        o = F.scaled_dot_product_attention(
+            q.transpose(0, 1),
+            k.repeat_interleave(group, 1).transpose(0, 1),
+            v.repeat_interleave(group, 1).transpose(0, 1),
+            attn_mask=visible,
+        )
+        return o.transpose(0, 1)
+
+    return attend
+
+
 def _setup(family="qwen3", num_layers=2, seed=0):
     _hf, target = tiny_target(family, VOCAB, tap_layer_ids=(0, 2))
     drafter = tiny_drafter(target, GAMMA, num_layers=num_layers, seed=seed)
@@ -118,15 +135,7 @@ def test_forward_packed_matches_cache_path():
         1,
     )
 
-    def attend(q, k, v):
-        group = q.shape[1] // k.shape[1]
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            k.repeat_interleave(group, 1).transpose(0, 1),
-            v.repeat_interleave(group, 1).transpose(0, 1),
-            attn_mask=visible,
-        )
-        return o.transpose(0, 1)
+    attend = _sdpa_attend(visible)
 
     hidden = drafter.forward_packed(
         ids.reshape(-1), pos.repeat(2), ctx_hidden, torch.arange(num_ctx), attend
@@ -140,14 +149,7 @@ def test_forward_packed_has_gradients():
     target, drafter, ctx_hidden = _setup(num_layers=1)
     ids, pos = _blocks(drafter, 2, 11)
 
-    def attend(q, k, v):
-        group = q.shape[1] // k.shape[1]
-        o = F.scaled_dot_product_attention(
-            q.transpose(0, 1),
-            k.repeat_interleave(group, 1).transpose(0, 1),
-            v.repeat_interleave(group, 1).transpose(0, 1),
-        )
-        return o.transpose(0, 1)
+    attend = _sdpa_attend()
 
     with torch.enable_grad():
         hidden = drafter.forward_packed(ids[0], pos, ctx_hidden, torch.arange(11), attend)
