@@ -45,7 +45,6 @@ import datetime as _dt
 import json
 import math
 import os
-import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -830,10 +829,6 @@ def report_only(out_dir: Path, plots: bool) -> str:
     return table
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt
-
-
 def execute(bench_plan: BenchPlan) -> int:
     """Load the models, run every unfinished cell, write results.json, table.md and plots."""
     from tqdm import tqdm
@@ -924,13 +919,12 @@ def execute(bench_plan: BenchPlan) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point: the exit code (0, 2 for bad input, 130 when interrupted)."""
-    # `timeout` and job schedulers stop a run with SIGTERM: finish like Ctrl-C, table written
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
+    """Entry point: the exit code (0, 2 for bad input, 130 when interrupted; SIGTERM counts as an
+    interrupt: the finished cells and the table are written)."""
+    from d2sd.run import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():
         return _main(argv)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(argv: Sequence[str] | None) -> int:

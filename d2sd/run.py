@@ -17,13 +17,15 @@ warm-up generation per mode runs first (compilation and graph capture are not ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
 import os
+import signal
 import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -761,8 +763,28 @@ def execute(p: Plan, models: Models) -> int:
     return EXIT_INTERRUPTED if interrupted else 0
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM (`timeout`, job schedulers) raises KeyboardInterrupt, so a stopped
+    run ends like Ctrl-C: what finished is reported and written. The old handler comes back."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: returns the exit code (0, 2 for bad input, 130 when interrupted)."""
+    with sigterm_as_interrupt():
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     try:
         p = plan(argv)
         models = load_models(p)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -321,12 +322,15 @@ class _FakeDecoder:
         self.prompts: list[str] = []
         self.calls = 0
         self.interrupt_on_call = interrupt_on_call
+        self.interrupt_by_sigterm = False  # as `timeout` stops a run, instead of Ctrl-C
 
     def generate(self, prompt_ids, config):
         from d2sd.generate import GenerationResult
 
         self.calls += 1
         if self.calls == self.interrupt_on_call:
+            if self.interrupt_by_sigterm:
+                os.kill(os.getpid(), signal.SIGTERM)
             raise KeyboardInterrupt
         if config.mode != "ar":
             self.prompts.append("".join(map(chr, prompt_ids)))
@@ -401,9 +405,12 @@ def test_multi_turn_dataset_feeds_answers_back(fake, capsys: pytest.CaptureFixtu
     assert "=== [2/2] mt-bench/82 ===" in out and "(turn 2)" in out
 
 
-def test_ctrl_c_prints_partial_results(fake, capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize("sigterm", [False, True])
+def test_ctrl_c_prints_partial_results(fake, capsys: pytest.CaptureFixture, sigterm: bool) -> None:
     fake.interrupt_on_call = 4  # the second bundled prompt's ar run
+    fake.interrupt_by_sigterm = sigterm
     code, out, err = _main([], capsys)
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # main() put the handler back
     assert code == 130
     assert "interrupted" in err
     assert "=== [1/3]" in out and "=== [2/3]" not in out
