@@ -172,6 +172,19 @@ def filled_prefix(target: Any) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 
 
+def _config(mode: str, *, gamma: int, gamma2: int, topk: int, cycles: int, cuda_graphs: bool):
+    from d2sd.generate import GenerationConfig
+
+    return GenerationConfig(
+        mode=mode,
+        block_size=gamma,
+        block_size_2=gamma2,
+        topk=topk,
+        max_new_tokens=cycles + 1,  # the prefill emits the first token; τ ≈ 1 afterwards
+        cuda_graphs=cuda_graphs,
+    )
+
+
 def time_mode(
     decoder: Any,
     mode: str,
@@ -187,15 +200,8 @@ def time_mode(
     """Median ms per cycle of each stage of `mode` at a `prefix`-row cache, from `repeats` timed
     generations of ~`cycles` cycles after one untimed one. Returns {"stages": {stage: ms},
     "cycle_ms": sum of the stages, "wall_ms": host ms per cycle, "cycles": cycles timed}."""
-    from d2sd.generate import GenerationConfig
-
-    config = GenerationConfig(
-        mode=mode,
-        block_size=gamma,
-        block_size_2=gamma2,
-        topk=topk,
-        max_new_tokens=cycles + 1,  # the prefill emits the first token; τ ≈ 1 afterwards
-        cuda_graphs=cuda_graphs,
+    config = _config(
+        mode, gamma=gamma, gamma2=gamma2, topk=topk, cycles=cycles, cuda_graphs=cuda_graphs
     )
     prompt = [0] * prefix
     with filled_prefix(decoder.target):
@@ -217,6 +223,41 @@ def time_mode(
     }
 
 
+def kernel_profile(
+    decoder: Any, mode: str, prefix: int, *, top: int = 25, **config_args: Any
+) -> dict[str, Any]:
+    """Where one generation's GPU time goes, per kernel (torch.profiler, CUDA activity, graph
+    replays included): the `top` kernels by total time with calls and µs per cycle. Run after
+    `time_mode` of the same mode (graphs captured, autotuning done)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = _config(mode, **config_args)
+    cuda = torch.cuda.is_available()
+    activity = ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU  # CPU: the --tiny check
+    with filled_prefix(decoder.target), profile(activities=[activity]) as prof:
+        result = decoder.generate([0] * prefix, config)
+        if cuda:
+            torch.cuda.synchronize()
+    cycles = max(result.num_cycles, 1)
+    kernels = []
+    for event in prof.key_averages():
+        total = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if total > 0:
+            kernels.append({"kernel": event.key[:120], "calls": event.count, "total_us": total})
+    kernels.sort(key=lambda k: -k["total_us"])
+    gpu_us = sum(k["total_us"] for k in kernels)
+    for k in kernels:
+        k["us_per_cycle"] = k["total_us"] / cycles
+        k["share"] = k["total_us"] / gpu_us if gpu_us else 0.0
+    return {
+        "mode": mode,
+        "prefix": prefix,
+        "cycles": result.num_cycles,
+        "gpu_us_per_cycle": gpu_us / cycles,
+        "top": kernels[:top],
+    }
+
+
 def project(tau: float, t_ar_ms: float, t_cycle_ms: float) -> float:
     """Projected speedup over AR: τ tokens per cycle of t_cycle, against one token per t_ar."""
     return tau * t_ar_ms / t_cycle_ms
@@ -234,6 +275,7 @@ def measure(
     topk: int = 4,
     gamma2: int = 16,
     device: torch.device | None = None,
+    profile_modes: Sequence[str] = (),
 ) -> tuple[list[dict], list[str], dict]:
     """Build the models once, time every (backend, prefix, mode); returns (rows, notes, config)."""
     from d2sd.attention import get_backend
@@ -258,7 +300,8 @@ def measure(
     target = build_target(shape, device, dtype, runnable[0][0])
     draft, vp_draft = build_drafters(target, DRAFT_LAYERS["tiny" if tiny else "8b"], gamma, gamma2)
     max_len = max(prefixes) + cycles + 4 * gamma2 + 64
-    rows = []
+    rows: list[dict] = []
+    profiles: list[dict] = []
     for name, backend in runnable:
         set_backend(backend, target, draft, vp_draft)
         graphs = device.type == "cuda" and name != "flashinfer"
@@ -288,6 +331,12 @@ def measure(
                     for mode in MODES
                 }
                 rows.append(_row(name, prefix, graphs, timed, tau))
+                if prefix == prefixes[0]:
+                    for mode in profile_modes:
+                        profiles.append({"backend": name, **kernel_profile(
+                            decoder, mode, prefix, gamma=gamma, gamma2=gamma2, topk=topk,
+                            cycles=backend_cycles, cuda_graphs=graphs,
+                        )})  # fmt: skip
         except Exception as exc:  # one failing backend must not lose the other's rows
             if not rows:
                 raise
@@ -311,6 +360,8 @@ def measure(
         "paper_tau": PAPER_TAU,
         "tau": tau,
     }
+    if profiles:
+        config["kernel_profiles"] = profiles
     return rows, notes, config
 
 
@@ -391,6 +442,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--topk", type=int, default=4, help="K (default: 4)")
     parser.add_argument("--block-size-2", type=int, default=16, help="γ2 (default: 16)")
     parser.add_argument(
+        "--profile",
+        default="",
+        help="comma-separated modes (ar,dflash,d2sd) to profile per kernel at the first prefix; "
+        "the top kernels are printed and kept in the JSON (default: none)",
+    )
+    parser.add_argument(
         "--out-dir", default=None, help="JSON folder (default: $D2SD_RESULTS_DIR or bench/results)"
     )
     args = parser.parse_args(argv)
@@ -414,11 +471,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         gamma=args.block_size,
         topk=args.topk,
         gamma2=args.block_size_2,
+        profile_modes=[m for m in args.profile.split(",") if m],
     )
     title = f"cycle vs AR step ({config.get('shape', size)}, {config.get('dtype', '')})"
     print_table(title, rows, COLUMNS)
     for note in notes:
         print(f"note: {note}")
+    for prof in config.get("kernel_profiles", ()):
+        print_table(
+            f"kernels of one {prof['mode']} cycle ({prof['backend']}, prefix {prof['prefix']}): "
+            f"{prof['gpu_us_per_cycle']:.0f} us of GPU time per cycle",
+            prof["top"],
+            ("kernel", "calls", "us_per_cycle", "share"),
+        )
     name = "8b_cycle-tiny" if args.tiny else "8b_cycle"
     path = write_results(name, {"config": config, "rows": rows, "notes": notes}, args.out_dir)
     print(f"\nwrote {path}")

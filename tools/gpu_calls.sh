@@ -1,25 +1,29 @@
 #!/usr/bin/env bash
-# The whole GPU proof as four device calls on a 2-GPU machine (nvidia-h200-x2), sent back to back so
-# the machine stays warm (/root keeps the model, the FlashInfer cache, the drafters and the suite's
-# results.json between calls). Each call runs one job per GPU, stays under the 10-minute limit and
-# leaves one archive, $OUT/callN.tgz, with every log and JSON.
+# The whole GPU proof as three device calls on a 2-GPU machine (nvidia-h200-x2), sent back to back
+# so the machine stays warm (/root keeps the GGUF parts, the drafters and the suite's results.json,
+# /tmp/site the FlashInfer and gguf installs, ~/.cache/flashinfer its compiled kernels). Each call
+# runs one job per GPU, stays under the 10-minute limit and leaves one archive, $OUT/callN.tgz.
 #
-#   call 1  carry [".device", ".device-ga"]            kernel tests, then the system tests (GPU0) ||
-#                                                      the kernel benchmarks (GPU1)
-#   call 2  carry [".device-gb", ".stage/train-data"]  the default GGUF reassembled; drafters trained
-#                                                      (answers on GPU0, DFlash GPU0 || VP GPU1)
-#   call 3  carry [".device", ".stage"]                d2sd.run + real-target tests with the new
-#                                                      drafters, then the 8B cycle (GPU0) || the
-#                                                      suite, greedy (GPU1)
-#   call 4  carry [".device", ".stage"]                the suite resumed under torchrun on both GPUs
+#   call 1  carry [".device", ".device-ga"]  kernel tests, then the system tests (GPU0) || the 8B
+#                                           cycle with kernel profiles, the KV-split sweep and the
+#                                           kernel benchmarks (GPU1); FlashInfer compiles meanwhile
+#   call 2  carry [".device-gb", ".stage"]   the default GGUF reassembled; drafters trained (answers
+#                                           on GPU0, DFlash GPU0 || VP GPU1); then with them d2sd.run
+#                                           per backend + the real-target tests (GPU0) || the
+#                                           suite, greedy (GPU1)
+#   call 3  carry []                        the suite resumed under torchrun on both GPUs, greedy
+#                                           and T = 1
 #
 # command of call N:  tools/gpu_calls.sh N
+# A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
+# index (`git rm -r -q --cached d2sd/checkpoints && echo /d2sd/checkpoints/ >> .git/info/exclude`,
+# undone with `git reset -q d2sd/checkpoints` and that exclude line removed); call 2 trains new ones.
 # Preparation on the dev machine: tools/split_stage.sh (GGUF parts), ../shared/device/bundle.sh
 # gguf==0.19.0 (.device), the data folders named in tools/train_smollm2.sh's header (.stage).
-# Sizes: NUM_PROMPTS (6144), STEPS (3000 per drafter), EVAL_SAMPLES (40).
+# Sizes: NUM_PROMPTS (3072), STEPS (1500 per drafter), EVAL_SAMPLES (40).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: tools/gpu_calls.sh 1|2|3|4}
+call=${1:?usage: tools/gpu_calls.sh 1|2|3}
 out=${OUT:-gpu-out}
 work="$out/w"
 mkdir -p "$work" /root/stash
@@ -33,52 +37,58 @@ nvidia-smi --query-gpu=name,memory.used --format=csv > "$work/gpus-call$call.txt
 run_on() {
   local gpu=$1 limit=$2 log=$3
   shift 3
-  CUDA_VISIBLE_DEVICES=$gpu OUT=$work timeout "$limit" "$@" > "$work/$log" 2>&1
+  CUDA_VISIBLE_DEVICES=$gpu OUT=$work D2SD_RESULTS_DIR=$work timeout "$limit" "$@" >> "$work/$log" 2>&1
 }
 
 with_drafters() {  # the drafters trained in call 2, where d2sd.run looks for them
   mkdir -p d2sd/checkpoints && cp -r /root/ck/smollm2-dflash /root/ck/smollm2-vp d2sd/checkpoints/
 }
 
+suite() {  # suite GPU LIMIT TEMPERATURES: the benchmark suite into /root/suite (resumable)
+  D2SD_DEFAULT_GGUF=$gguf run_on "$1" "$2" suite.log python3 -m d2sd.bench --temperatures "$3" \
+    --max-samples "${EVAL_SAMPLES:-40}" --data-dir .stage/datasets --out /root/suite
+}
+
 case "$call" in
   1)
     cp .device-ga/part_a /root/stash/
     python3 tools/flashinfer_warm.py > "$work/flashinfer-warm.log" 2>&1 &
-    (run_on 0 300 gpu0-kernel-tests.log tools/gpu_suite.sh kernel-tests
-      run_on 0 260 gpu0-system.log tools/gpu_suite.sh system) &
-    run_on 1 565 gpu1-kernel-bench.log tools/gpu_suite.sh kernel-bench &
+    (run_on 0 250 gpu0-kernel-tests.log tools/gpu_suite.sh kernel-tests
+      run_on 0 220 gpu0-system.log tools/gpu_suite.sh system) &
+    (run_on 1 170 gpu1-cycle8b.log python3 -m bench.cycle_8b --backends triton --profile ar,d2sd \
+        --out-dir "$work"
+      run_on 1 80 gpu1-splits.log python3 -m bench.prefix_splits --out-dir "$work"
+      for kernel in cascade_attention:190 rms_norm:25 silu_mul:25 rope:25; do
+        run_on 1 "${kernel#*:}" gpu1-kernel-bench.log python3 -m bench.kernels --only "${kernel%%:*}" \
+          --out "$work"
+      done) &
     wait
     ;;
   2)
     bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
-    NUM_PROMPTS=${NUM_PROMPTS:-6144} DFLASH_STEPS=${STEPS:-3000} VP_STEPS=${STEPS:-3000} PARALLEL=1 \
-      WORK_DIR=/root/smollm2-train timeout 570 tools/train_smollm2.sh "$gguf" /root/ck > "$work/train.log" 2>&1
+    NUM_PROMPTS=${NUM_PROMPTS:-3072} DFLASH_STEPS=${STEPS:-1500} VP_STEPS=${STEPS:-1500} PARALLEL=1 \
+      WORK_DIR=/root/smollm2-train timeout 360 tools/train_smollm2.sh "$gguf" /root/ck > "$work/train.log" 2>&1
     cp /root/smollm2-train/*.log "$work/" 2>/dev/null
     tar czf "$out/ck.tgz" -C /root ck
+    with_drafters
+    run_on 0 210 gpu0-e2e.log tools/gpu_suite.sh e2e "$gguf" &
+    suite 1 200 0 &
+    wait
     ;;
   3)
     with_drafters
-    (run_on 0 300 gpu0-e2e.log tools/gpu_suite.sh e2e "$gguf"
-      run_on 0 260 gpu0-cycle8b.log tools/gpu_suite.sh cycle8b) &
-    D2SD_DEFAULT_GGUF=$gguf run_on 1 560 gpu1-suite.log python3 -m d2sd.bench --temperatures 0 \
-      --max-samples "${EVAL_SAMPLES:-40}" --data-dir .stage/datasets --out /root/suite &
-    wait
-    cp -r /root/suite "$work/"
-    ;;
-  4)
-    with_drafters
-    D2SD_DEFAULT_GGUF=$gguf timeout 570 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
-      -m d2sd.bench --max-samples "${EVAL_SAMPLES:-40}" --data-dir .stage/datasets --out /root/suite \
-      > "$work/suite-torchrun.log" 2>&1
-    cp -r /root/suite "$work/"
+    D2SD_DEFAULT_GGUF=$gguf timeout 555 python3 -m torch.distributed.run --standalone --nproc_per_node 2 \
+      -m d2sd.bench --temperatures 0,1 --max-samples "${EVAL_SAMPLES:-40}" --data-dir .stage/datasets \
+      --out /root/suite > "$work/suite-torchrun.log" 2>&1
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3 or 4)" >&2
+    echo "unknown call '$call' (1, 2 or 3)" >&2
     exit 2
     ;;
 esac
+[ -d /root/suite ] && cp -r /root/suite "$work/"
 for log in "$work"/*.log; do
   echo "== $log"
-  grep -v "it/s\]\|s/it\]\|prompt/s\]\|s/prompt\]\|cell/s\]\|s/cell\]" "$log" | tail -n 12
+  grep -v "it/s\]\|s/it\]\|prompt/s\]\|s/prompt\]\|cell/s\]\|s/cell\]" "$log" | tail -n 14
 done
 tar czf "$out/call$call.tgz" -C "$out" w && rm -rf "$work"
