@@ -47,7 +47,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +99,6 @@ RESUME_KEYS = (
     "device_type",
     "seed",
 )
-WARMUP_TOKENS = 32
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
@@ -717,16 +716,16 @@ class _Suite:
         )
 
     def warm_up(self, samples: Sequence[Any], config: Any) -> None:
-        """One short untimed generation of the cell's configuration: kernel compilation, graph
-        capture and buffer allocation (once per configuration) stay out of the timed runs. Also on
-        the CPU, where the first call of a configuration pays its allocations and lazy imports."""
+        """`Decoder.warm_up` of the cell's configuration: kernel compilation, graph capture,
+        buffer allocation and (CUDA) autotuning of every prefill row bucket stay out of the timed
+        runs. Also on the CPU, where the first call of a configuration pays its allocations and
+        lazy imports."""
         if not samples:
             return
         from d2sd.data import encode_chat
 
         ids = encode_chat(self.models.tokenizer, [{"role": "user", "content": samples[0].turns[0]}])
-        short = replace(config, max_new_tokens=min(WARMUP_TOKENS, config.max_new_tokens))
-        self.decoder.generate(ids, short)
+        self.decoder.warm_up(ids, config)
 
     def run_cell(self, method: str, dataset: str, temperature: float, bar: Any) -> dict | None:
         """Run this rank's prompts of the cell, gather on rank 0: the cell there, None elsewhere.

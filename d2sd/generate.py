@@ -39,7 +39,7 @@ import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -75,6 +75,33 @@ LAYOUTS = ("branches", "tree")
 FIRST_CYCLE_ROW = 1
 # prompt chunk of the eager prefill (the target cache keeps at least this many local rows)
 PREFILL_CHUNK = 256
+# Triton autotunes the attention kernels per power-of-two bucket of query rows, up to 1024 rows
+# (kernels._attention.rows_bucket); prefill chunks and drafter context extensions of these lengths
+# meet every bucket a prompt can (consecutive lengths differ by at most 2x, so each bucket of
+# n x group rows holds one of them, whatever the GQA group)
+WARM_UP_PROMPT_LENS = (
+    1,
+    2,
+    3,
+    4,
+    6,
+    8,
+    12,
+    16,
+    24,
+    32,
+    48,
+    64,
+    96,
+    128,
+    192,
+    256,
+    384,
+    512,
+    768,
+    1024,
+)
+WARM_UP_TOKENS = 32
 
 
 @dataclass(frozen=True)
@@ -292,6 +319,7 @@ class Decoder:
         self._graphs: dict[bool, StepGraphs] = {}
         self._caches: dict[str, Any] = {}
         self._states: dict[tuple, steps.LoopState] = {}
+        self._warmed_modes: set[str] = set()  # modes whose prefill row buckets are tuned
         self._taps: tuple[int, ...] = ()
         self._mask_id = 0
         if draft is not None:
@@ -305,6 +333,29 @@ class Decoder:
                 )
 
     # -- public --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def warm_up(self, prompt_ids: Sequence[int], config: GenerationConfig) -> None:
+        """Untimed generations after which a timed one of `config` compiles, captures and
+        autotunes nothing: one short generation on `prompt_ids` (kernels, graphs, buffers), and
+        on CUDA, once per mode, a 2-token generation per prompt length of WARM_UP_PROMPT_LENS
+        that fits (any ids: tuning depends on shapes only). Without these, the first prompt whose
+        prefill meets a new row bucket pays Triton's autotuning inside its timing, and whichever
+        method runs first on a dataset looks slower (measured on the H200: ~25 ms per prompt)."""
+        short = replace(config, max_new_tokens=min(WARM_UP_TOKENS, config.max_new_tokens))
+        self.generate(prompt_ids, short)
+        if self.device.type != "cuda" or config.mode in self._warmed_modes:
+            return
+        two = replace(config, max_new_tokens=2)
+        for length in self.warm_up_prompt_lens(two):
+            self.generate(list(itertools.islice(itertools.cycle(prompt_ids), length)), two)
+        self._warmed_modes.add(config.mode)
+
+    def warm_up_prompt_lens(self, config: GenerationConfig) -> list[int]:
+        """The lengths of WARM_UP_PROMPT_LENS that a generation of `config` fits in max_len."""
+        slack = self._slack(_Plan.of(config, tree_ok=not self.sliding_window))
+        room = self.max_len - config.max_new_tokens - slack
+        return [length for length in WARM_UP_PROMPT_LENS if length <= room]
 
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig) -> GenerationResult:
@@ -516,13 +567,17 @@ class Decoder:
             raise D2SDError(f"mode {plan.mode!r} needs a DFlash drafter (draft=...)")
         if plan.mode == "d2sd" and self.vp_draft is None:
             raise D2SDError("mode 'd2sd' needs a VP drafter (vp_draft=...)")
-        # the last counted cycle and each run-ahead one may commit a whole block past the stop
-        slack = (1 + self.run_ahead) * plan.length + 1
+        slack = self._slack(plan)
         if prompt_len + config.max_new_tokens + slack > self.max_len:
             raise D2SDError(
                 f"prompt ({prompt_len}) + max_new_tokens ({config.max_new_tokens}) + slack "
                 f"({slack}) exceeds the decoder's max_len {self.max_len}"
             )
+
+    def _slack(self, plan: _Plan) -> int:
+        """Cache rows past prompt + max_new_tokens: the last counted cycle and each run-ahead one
+        may commit a whole block past the stop."""
+        return (1 + self.run_ahead) * plan.length + 1
 
     def _graph_runner(self, enabled: bool) -> StepGraphs:
         if enabled not in self._graphs:

@@ -568,8 +568,8 @@ class Runner:
         self._pending_ar: Any = None  # the AR result of the turn being generated
 
     def warm_up(self) -> None:
-        """Compile kernels and capture graphs outside the timed runs (CUDA only; the CPU has no
-        such first-call cost worth hiding)."""
+        """Compile, capture and autotune outside the timed runs (`Decoder.warm_up`; CUDA only: the
+        CPU has no such first-call cost worth hiding)."""
         if self.p.device.type != "cuda" or not self.p.samples:
             return
         from d2sd.data import encode_chat
@@ -578,7 +578,7 @@ class Runner:
             self.models.tokenizer, [{"role": "user", "content": self.p.samples[0].turns[0]}]
         )
         for mode in {self.p.mode, "ar"} if self.baseline else {self.p.mode}:
-            self.decoder.generate(ids, _config(self.p, mode, min(self.p.max_new_tokens, 32)))
+            self.decoder.warm_up(ids, _config(self.p, mode))
 
     def _generate(self, prompt_ids: list[int], sample_id: str) -> Any:
         from d2sd.cli_checks import check_prompt_fits

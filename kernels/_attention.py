@@ -237,25 +237,21 @@ def num_kv_splits(
 ) -> int:
     """How many KV splits the prefix pass launches: a host constant per call site (graph-safe).
 
-    num_rows = B * T * Hq query rows. The grid is (row tiles, splits, kv heads), about one CTA per
-    SM with the large tiles; the prefix of the current length is spread evenly over the splits
-    inside the kernel, so a pass takes ~ waves(splits) / splits. Take the fewest splits within 5%
-    of a perfectly balanced machine (fewer partial states to write and merge), with at most
-    `max_len / min_split_keys` splits and at most ~16 MB of float32 partial states (L2-resident).
+    num_rows = B * T * Hq query rows. The grid is (row tiles, splits, kv heads) with row tiles of
+    up to 128 rows. Measured on the H200 (bench/prefix_splits.py: every S forced, both launches
+    timed; bench/results/prefix_splits-NVIDIA-H200-2026-11-29.json) the fastest S fills the GPU
+    about once, ceil(SMs / programs per split): a second wave buys nothing while the merge pass
+    pays ~0.5-1 us per extra split (Qwen3-8B heads, 5 x 16 queries: S = 6 beat the 11 that a
+    balanced-waves rule took by 28% at L = 2048-8192). And a split should own at least
+    2 x `min_split_keys` keys of max_len: below that its partial-state round trip costs more than
+    it saves (at L = 511 the best S was 2-4). At most MAX_KV_SPLITS, and at most ~16 MB of
+    float32 partial states (L2-resident).
     """
     programs_per_split = num_kv_heads * math.ceil(num_rows / num_kv_heads / 128)
-    sms = _num_sms(device)
-    state_bytes = num_rows * head_dim * 4
-    limit = min(
-        MAX_KV_SPLITS, math.ceil(max_len / min_split_keys(device)), (16 << 20) // state_bytes
-    )
-    ideal = programs_per_split / sms
-    best, best_cost = 1, math.ceil(programs_per_split / sms)
-    for splits in range(2, max(1, limit) + 1):
-        cost = math.ceil(programs_per_split * splits / sms) / splits
-        if cost < best_cost and best_cost > 1.05 * ideal:
-            best, best_cost = splits, cost
-    return best
+    one_wave = math.ceil(_num_sms(device) / programs_per_split)
+    by_length = math.ceil(max_len / (2 * min_split_keys(device)))
+    by_state = (16 << 20) // (num_rows * head_dim * 4)
+    return max(1, min(MAX_KV_SPLITS, one_wave, by_length, by_state))
 
 
 def call_op(op: Callable, impl: Callable, *args: object) -> object:

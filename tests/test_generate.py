@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import types
+from dataclasses import replace
 
 import pytest
 import torch
@@ -377,3 +378,30 @@ def test_a_backend_that_cannot_be_captured_turns_graphs_off() -> None:
         assert set(decoder._graphs) == {False}  # the step runner asked for was the eager one
     finally:
         target.backend = original
+
+
+# -- warm-up -------------------------------------------------------------------------------------
+
+
+def test_warm_up_lengths_meet_every_row_bucket() -> None:
+    """Every prompt length (prefill chunk or drafter context extension), for every GQA group,
+    falls into an autotuning row bucket that one of the warm-up lengths also falls into."""
+    from d2sd.generate import WARM_UP_PROMPT_LENS
+    from kernels._attention import rows_bucket
+
+    for group in range(1, 17):
+        warmed = {rows_bucket(length * group) for length in WARM_UP_PROMPT_LENS}
+        missing = [n for n in range(1, 2049) if rows_bucket(n * group) not in warmed]
+        assert not missing, f"group {group}: lengths {missing[:5]} meet an unwarmed bucket"
+
+
+def test_warm_up_fits_max_len_and_leaves_generation_exact() -> None:
+    prompt, expected = prompt_and_ar()
+    decoder = oracle_decoder()
+    config = spec_config()
+    lengths = decoder.warm_up_prompt_lens(replace(config, max_new_tokens=2))
+    slack = (1 + decoder.run_ahead) * GAMMA2 + 1  # d2sd's branch length is gamma2
+    assert lengths and max(lengths) + 2 + slack <= decoder.max_len
+    assert len(lengths) < 20, "max_len 160 cannot fit the longest warm-up prompts"
+    decoder.warm_up(prompt, config)
+    assert decoder.generate(prompt, config).tokens == expected
