@@ -16,6 +16,8 @@ Each FlashInfer kernel variant JIT-compiles on first use (~70-85 s per prefill v
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+
 import torch
 
 
@@ -162,3 +164,23 @@ class MultiLevelCascade:
     def run(self, q_flat: torch.Tensor) -> torch.Tensor:
         """q_flat [B*T, Hq, D] -> o [B*T, Hq, D]."""
         return self.wrapper.run(q_flat, (self.k_pages, self.v_pages))
+
+
+def run_vs_flashinfer(
+    title: str,
+    columns: Sequence[str],
+    shapes: Iterable[tuple],
+    measure: Callable[..., dict],
+) -> list[dict]:
+    """The rows of an attention benchmark: `measure(*shape, fi)` per shape, fi = the FlashInfer
+    module or None (its baselines then stay empty), the CUDA cache freed between shapes (the
+    32k-prefix shapes hold GBs); prints the table and returns the rows."""
+    from bench._harness import print_table
+
+    fi = flashinfer_module()
+    rows = []
+    for shape in shapes:
+        rows.append(measure(*shape, fi))
+        torch.cuda.empty_cache()
+    print_table(title, rows, columns)
+    return rows

@@ -14,8 +14,8 @@ import itertools
 
 import torch
 
-from bench._flashinfer_ref import branch_sequence, flashinfer_module
-from bench._harness import baseline, print_table, time_baseline, time_ours
+from bench._flashinfer_ref import branch_sequence, run_vs_flashinfer
+from bench._harness import baseline, time_baseline, time_ours
 from bench.bench_cascade_attention import (
     BATCHES,
     HEADS,
@@ -68,14 +68,9 @@ def _measure(model: str, batch: int, seq: int, fi: object | None) -> dict:
 
 
 def run(quick: bool) -> list[dict]:
-    fi = flashinfer_module()
-    rows = []
-    for model, batch, seq in shapes(quick):
-        rows.append(_measure(model, batch, seq, fi))
-        torch.cuda.empty_cache()
-    print_table(
+    return run_vs_flashinfer(
         "branch_attention: bf16, causal, bf16 prefix state; us = CUDA graph; x_* = baseline / ours",
-        rows,
         COLUMNS,
+        shapes(quick),
+        _measure,
     )
-    return rows

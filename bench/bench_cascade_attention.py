@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from bench._flashinfer_ref import MultiLevelCascade, cascade_sequence, flashinfer_module
-from bench._harness import baseline, print_table, time_baseline, time_ours
+from bench._flashinfer_ref import MultiLevelCascade, cascade_sequence, run_vs_flashinfer
+from bench._harness import baseline, time_baseline, time_ours
 from kernels.cascade_attention import cascade_attention
 
 # name -> (Hq, Hkv, head_dim)
@@ -168,14 +168,9 @@ def _measure(model: str, batch: int, seq: int, prefix_len: int, fi: object | Non
 
 
 def run(quick: bool) -> list[dict]:
-    fi = flashinfer_module()
-    rows = []
-    for model, batch, seq, prefix_len in shapes(quick):
-        rows.append(_measure(model, batch, seq, prefix_len, fi))
-        torch.cuda.empty_cache()
-    print_table(
+    return run_vs_flashinfer(
         "cascade_attention: bf16, causal local; us = CUDA graph; x_* = baseline / ours",
-        rows,
         COLUMNS,
+        shapes(quick),
+        _measure,
     )
-    return rows

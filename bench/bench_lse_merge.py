@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from bench._flashinfer_ref import flashinfer_module
-from bench._harness import print_table, time_baseline, time_ours
+from bench._flashinfer_ref import run_vs_flashinfer
+from bench._harness import time_baseline, time_ours
 from bench.bench_cascade_attention import REP_MS
 from kernels._attention import merge_ref
 from kernels.lse_merge import lse_merge
@@ -53,10 +53,9 @@ def _measure(model: str, tokens: int, heads: int, head_dim: int, fi: object | No
 
 
 def run(quick: bool) -> list[dict]:
-    fi = flashinfer_module()
-    shapes = SHAPES[:2] if quick else SHAPES
-    rows = [_measure(*shape, fi) for shape in shapes]
-    print_table(
-        "lse_merge: bf16 o, fp32 lse; us = CUDA graph; x_* = baseline / ours", rows, COLUMNS
+    return run_vs_flashinfer(
+        "lse_merge: bf16 o, fp32 lse; us = CUDA graph; x_* = baseline / ours",
+        COLUMNS,
+        SHAPES[:2] if quick else SHAPES,
+        _measure,
     )
-    return rows

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import itertools
 
-import torch
-
-from bench._flashinfer_ref import flashinfer_module, prefix_prefill
-from bench._harness import baseline, print_table, time_baseline, time_ours
+from bench._flashinfer_ref import prefix_prefill, run_vs_flashinfer
+from bench._harness import baseline, time_baseline, time_ours
 from bench.bench_cascade_attention import (
     BATCHES,
     HEADS,
@@ -69,10 +67,9 @@ def _measure(model: str, batch: int, seq: int, prefix_len: int, fi: object | Non
 
 
 def run(quick: bool) -> list[dict]:
-    fi = flashinfer_module()
-    rows = []
-    for model, batch, seq, prefix_len in shapes(quick):
-        rows.append(_measure(model, batch, seq, prefix_len, fi))
-        torch.cuda.empty_cache()
-    print_table("prefix_attention: bf16; us = CUDA graph; x_* = baseline / ours", rows, COLUMNS)
-    return rows
+    return run_vs_flashinfer(
+        "prefix_attention: bf16; us = CUDA graph; x_* = baseline / ours",
+        COLUMNS,
+        shapes(quick),
+        _measure,
+    )
