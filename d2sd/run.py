@@ -10,8 +10,8 @@ target and drafters -> model checks (drafter vs target shapes) -> for each sampl
 then `ar` on the same prompt ids -> print texts, then `d2sd.report`'s tables -> optional JSON.
 
 Errors a user can fix are one line on stderr and exit code 2 (D2SDError, bad options); Ctrl-C
-prints what finished and exits 130. Timing: each generation's `wall_s` from the decoder; on CUDA one
-warm-up generation per mode runs first (compilation and graph capture are not timed).
+prints what finished and exits 130. Timing: each generation's `wall_s` from the decoder; on CUDA
+`Decoder.warm_up` runs first per mode (compilation, graph capture and autotuning are not timed).
 """
 
 from __future__ import annotations
