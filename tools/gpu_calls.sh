@@ -21,6 +21,12 @@
 # Preparation on the dev machine: tools/split_stage.sh (GGUF parts), ../shared/device/bundle.sh
 # gguf==0.19.0 (.device), the data folders named in tools/train_smollm2.sh's header (.stage).
 # Sizes: NUM_PROMPTS (3072), STEPS (1500 per drafter), EVAL_SAMPLES (40).
+# Observed on 2026-11-29 (session 3): call 1 473 s, call 2 516 s, call 3 315 s (the suite's last
+# 34 cells on 2 GPUs). Three limits proved short: the kernel tests need ~300 s while FlashInfer
+# compiles beside them (cut at 250 s), the system tests ~230 s (cut at 220 s), the e2e step ~300 s
+# (cut at 210 s: the real-target pytest lost its flashinfer and torch cases). The cascade bench
+# also compiles FlashInfer's sm90 batch-prefill variants, which tools/flashinfer_warm.py does not
+# (~2 min each); its full 60-shape run then takes ~140 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 call=${1:?usage: tools/gpu_calls.sh 1|2|3}
