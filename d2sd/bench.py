@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -444,7 +445,8 @@ def _turns(cell: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 def summarize_cell(cell: Mapping[str, Any], ar_cell: Mapping[str, Any] | None) -> dict[str, Any]:
     """RunStats.to_dict() of the cell's turns, plus `speedup` (AR ms/token over the cell's, None
     without an AR cell) and, at temperature 0, `greedy_equal_ar` = [turns whose tokens equal
-    AR's, turns compared]."""
+    AR's, turns compared] and, where the turns were checked (`lost_tokens`),
+    `greedy_target_choice` = [turns whose every token is the target's greedy choice, turns]."""
     from d2sd.report import RunStats
 
     stats = RunStats.from_results(cell["method"], map(_Generation, _turns(cell)))
@@ -457,6 +459,9 @@ def summarize_cell(cell: Mapping[str, Any], ar_cell: Mapping[str, Any] | None) -
             pairs = list(zip(_turns(cell), _turns(ar_cell)))
             same = sum(a["tokens"] == b["tokens"] for a, b in pairs)
             summary["greedy_equal_ar"] = [same, len(pairs)]
+    checked = [t["lost_tokens"] for t in _turns(cell) if "lost_tokens" in t]
+    if checked:
+        summary["greedy_target_choice"] = [sum(lost == 0 for lost in checked), len(checked)]
     return summary
 
 
@@ -617,25 +622,34 @@ def format_bench_table(
             average.append(f"{speedup:.2f}x / {tau:.2f}")
         lines.append("| **Average** | " + " | ".join(average) + " |")
         if temperature == 0:
-            checks = []
-            for method in methods:
-                counts = [
-                    cells[k]["summary"].get("greedy_equal_ar")
-                    for k in (cell_key(method, d, temperature) for d in datasets)
-                    if k in cells and method != "ar"
-                ]
-                counts = [c for c in counts if c]
-                if counts:
-                    same, total = (sum(c[i] for c in counts) for i in (0, 1))
-                    checks.append(f"{METHOD_LABELS[method]} {same}/{total}")
-            if checks:
-                lines += [
-                    "",
-                    "Greedy outputs equal to AR's (turns): "
-                    + ", ".join(checks)
-                    + " (exact in fp32; bf16 rounding may split near-ties).",
-                ]
+            for field, text in (
+                ("greedy_equal_ar", "Greedy outputs equal to AR's (turns): {} (exact in fp32; "
+                 "bf16 rounding may split near-ties)."),
+                ("greedy_target_choice", "Greedy outputs whose every token is the target's "
+                 "greedy choice, teacher-forced up to its dtype's rounding (turns): {}."),
+            ):  # fmt: skip
+                checks = _greedy_counts(cells, methods, datasets, field)
+                if checks:
+                    lines += ["", text.format(", ".join(checks))]
     return "\n".join(lines) + "\n"
+
+
+def _greedy_counts(
+    cells: Mapping[str, Any], methods: Sequence[str], datasets: Sequence[str], field: str
+) -> list[str]:
+    """ "<method> <passed>/<turns>" per speculative method, summed over the greedy cells' `field`."""
+    checks = []
+    for method in methods:
+        counts = [
+            cells[k]["summary"].get(field)
+            for k in (cell_key(method, d, 0.0) for d in datasets)
+            if k in cells and method != "ar"
+        ]
+        counts = [c for c in counts if c]
+        if counts:
+            same, total = (sum(c[i] for c in counts) for i in (0, 1))
+            checks.append(f"{METHOD_LABELS[method]} {same}/{total}")
+    return checks
 
 
 # ---------------------------------------------------------------------------------------------
@@ -643,9 +657,9 @@ def format_bench_table(
 # ---------------------------------------------------------------------------------------------
 
 
-def _turn_record(turn: Any) -> dict[str, Any]:
+def _turn_record(turn: Any, check: Callable[[list[int], list[int]], int] | None) -> dict[str, Any]:
     result = turn.result
-    return {
+    record = {
         "prompt_tokens": len(turn.prompt_ids),
         "tokens": list(result.tokens),
         "accept_lengths": list(result.accept_lengths),
@@ -653,6 +667,9 @@ def _turn_record(turn: Any) -> dict[str, Any]:
         "wall_s": result.wall_s,
         "num_cycles": result.num_cycles,
     }
+    if check is not None:  # after the timing: the teacher-forced pass is not part of decoding
+        record["lost_tokens"] = check(list(turn.prompt_ids), list(result.tokens))
+    return record
 
 
 def run_share(
@@ -663,11 +680,13 @@ def run_share(
     config: Any,
     fits: Callable[[str, int], None],
     on_prompt: Callable[[], None] = lambda: None,
+    check: Callable[[list[int], list[int]], int] | None = None,
 ) -> list[tuple[int, dict[str, Any]]]:
     """Run the prompts `indices` of `samples` turn by turn: [(index, {"id", "turns": [...]})].
 
     `generate(prompt_ids, config)` is the decoder's; `fits(sample_id, prompt_len)` raises
-    D2SDError when a turn's prompt plus its new tokens does not fit the cache.
+    D2SDError when a turn's prompt plus its new tokens does not fit the cache; `check(prompt_ids,
+    tokens)`, if given, is stored per turn as `lost_tokens` (greedy cells: `non_greedy_tokens`).
     """
     from d2sd.data import run_turns
 
@@ -680,7 +699,8 @@ def run_share(
             return generate(prompt_ids, config)
 
         turns = run_turns(one_turn, tokenizer, sample)
-        share.append((index, {"id": sample.id, "turns": [_turn_record(t) for t in turns]}))
+        records = [_turn_record(t, check) for t in turns]
+        share.append((index, {"id": sample.id, "turns": records}))
         on_prompt()
     return share
 
@@ -727,6 +747,18 @@ class _Suite:
         ids = encode_chat(self.models.tokenizer, [{"role": "user", "content": samples[0].turns[0]}])
         self.decoder.warm_up(ids, config)
 
+    def _greedy_check(
+        self, method: str, temperature: float
+    ) -> Callable[[list[int], list[int]], int] | None:
+        """For a greedy speculative cell, the count of a turn's tokens that the target would not
+        pick greedily (teacher-forced, up to its dtype's rounding): losslessness checked on every
+        output, where a comparison with AR's stops meaning much after a bf16 near tie."""
+        if temperature != 0 or method == "ar":
+            return None
+        from d2sd.generate import non_greedy_tokens
+
+        return functools.partial(non_greedy_tokens, self.models.target)
+
     def run_cell(self, method: str, dataset: str, temperature: float, bar: Any) -> dict | None:
         """Run this rank's prompts of the cell, gather on rank 0: the cell there, None elsewhere.
         A rank's D2SDError travels in the gather and is raised on every rank."""
@@ -745,6 +777,7 @@ class _Suite:
                 config,
                 self.fits,
                 on_prompt=bar.update,
+                check=self._greedy_check(method, temperature),
             )
             payload = {"share": share}
         except D2SDError as exc:

@@ -122,6 +122,12 @@ def test_suite_files_consistency_and_resume(
         if cell["temperature"] == 0 and cell["method"] == "d2sd":
             # fp32 on the CPU: greedy d2sd is lossless, every turn equals ar's
             assert summary["greedy_equal_ar"] == [len(turns), len(turns)], key
+        if cell["temperature"] == 0 and cell["method"] != "ar":
+            # every greedy output was checked against the target itself, teacher-forced
+            assert all(t["lost_tokens"] == 0 for t in turns), key
+            assert summary["greedy_target_choice"] == [len(turns), len(turns)], key
+        else:
+            assert all("lost_tokens" not in t for t in turns), key
     # table.md: every cell and the average row carry the JSON's numbers
     table = (folder / "table.md").read_text()
     assert table in out
@@ -137,6 +143,7 @@ def test_suite_files_consistency_and_resume(
             mean = [sum(v[i] for v in values) / 2 for i in (0, 1)]
             assert shown[(temperature, "**Average**", label)] == f"{mean[0]:.2f}x / {mean[1]:.2f}"
     assert "Greedy outputs equal to AR's (turns): D2SD 6/6" in table
+    assert "greedy choice, teacher-forced up to its dtype's rounding (turns): D2SD 6/6." in table
 
     # resume: drop one cell; the rerun computes that cell only, and the same tokens
     dropped = bench.cell_key("d2sd", "mt-bench", 1.0)
@@ -291,6 +298,29 @@ def test_table_marks_missing_cells() -> None:
     assert shown[("0", "**Average**", "D2SD")] == "2.50x / 4.25"  # the mean of what exists
     assert shown[("0", "**Average**", "AR")] == "1.00x / 1.00"
     assert re.search(r"## Temperature 0 \(greedy\)", table)
+
+
+def test_summary_counts_turns_with_a_lost_token() -> None:
+    def turn(lost: int | None) -> dict:
+        record = {"tokens": [1, 2], "accept_lengths": [2], "stage_ms": {"prefill": 1.0},
+                  "wall_s": 0.01, "num_cycles": 1}  # fmt: skip
+        return record if lost is None else {**record, "lost_tokens": lost}
+
+    def cell(method: str, *turns: dict) -> dict:
+        return {"method": method, "temperature": 0.0, "prompts": [{"turns": list(turns)}]}
+
+    ar = cell("ar", turn(None), turn(None), turn(None))
+    summary = bench.summarize_cell(cell("d2sd", turn(0), turn(2), turn(0)), ar)
+    assert summary["greedy_target_choice"] == [2, 3]
+    assert summary["greedy_equal_ar"] == [3, 3]
+    # results.json files from before the check have no lost_tokens: no count, no table line
+    assert "greedy_target_choice" not in bench.summarize_cell(cell("d2sd", turn(None)), ar)
+    table = bench.format_bench_table(
+        {"cells": {"ar/a/t=0": {"summary": {"speedup": 1.0, "tau": 1.0}},
+                   "d2sd/a/t=0": {"summary": summary}}},
+        ["ar", "d2sd"], ["a"], [0.0],
+    )  # fmt: skip
+    assert "up to its dtype's rounding (turns): D2SD 2/3." in table
 
 
 # ---------------------------------------------------------------------------------------------
