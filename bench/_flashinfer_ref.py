@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from bench._harness import print_table
+
 
 def flashinfer_module():
     """The flashinfer module, or None where it is not installed (benchmarks then print None)."""
@@ -175,8 +177,6 @@ def run_vs_flashinfer(
     """The rows of an attention benchmark: `measure(*shape, fi)` per shape, fi = the FlashInfer
     module or None (its baselines then stay empty), the CUDA cache freed between shapes (the
     32k-prefix shapes hold GBs); prints the table and returns the rows."""
-    from bench._harness import print_table
-
     fi = flashinfer_module()
     rows = []
     for shape in shapes:

@@ -13,6 +13,7 @@ best row is what a better heuristic would save; split vs merge says which launch
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,8 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._harness import print_table, time_us, write_results
-from bench.bench_cascade_attention import make_inputs
+from bench.bench_cascade_attention import Inputs, make_inputs
+from kernels._attention import min_split_keys
 from kernels.branch_attention import launch_branch
 from kernels.prefix_attention import launch_prefix_split, prefix_splits
 
@@ -37,8 +39,9 @@ SPLITS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 COLUMNS = ("model", "B", "T", "L", "S", "chosen", "split_us", "merge_us", "total_us")
 
 
-def _row(model: str, batch: int, seq: int, prefix_len: int, splits: int, chosen: int) -> dict:
-    x = make_inputs(model, batch, seq, prefix_len)
+def _row(x: Inputs, model: str, splits: int, chosen: int) -> dict:
+    """Both launches of cascade_attention over `x` with `splits` KV splits, timed in CUDA graphs."""
+    batch, seq = x.q.shape[:2]
     scale = x.q.shape[-1] ** -0.5
     group = x.q.shape[2] // x.k_cache.shape[1]
     part_o = torch.empty(splits, *x.q.shape, dtype=torch.float32, device="cuda")
@@ -63,7 +66,7 @@ def _row(model: str, batch: int, seq: int, prefix_len: int, splits: int, chosen:
 
     both()  # autotune both kernels outside the timings
     return {
-        "model": model, "B": batch, "T": seq, "L": prefix_len, "S": splits,
+        "model": model, "B": batch, "T": seq, "L": x.prefix_len, "S": splits,
         "chosen": "*" if splits == chosen else "",
         "split_us": time_us(split_pass, cuda_graph=True, rep_ms=20)["us"],
         "merge_us": time_us(merge_pass, cuda_graph=True, rep_ms=20)["us"],
@@ -77,9 +80,11 @@ def sweep() -> list[dict]:
         for prefix_len in PREFIX_LENS:
             x = make_inputs(model, batch, seq, prefix_len)
             chosen = prefix_splits(x.q, x.k_cache)
-            limit = max(1, (prefix_len + 255) // 128)  # min_split_keys: 128 keys per split at least
+            # a split gets at least min_split_keys keys: more splits than this would idle
+            limit = math.ceil(x.k_cache.shape[0] / min_split_keys(x.q.device))
             for splits in sorted({s for s in SPLITS if s <= limit} | {chosen}):
-                rows.append(_row(model, batch, seq, prefix_len, splits, chosen))
+                rows.append(_row(x, model, splits, chosen))
+            del x
             torch.cuda.empty_cache()
     return rows
 

@@ -622,26 +622,27 @@ def format_bench_table(
             average.append(f"{speedup:.2f}x / {tau:.2f}")
         lines.append("| **Average** | " + " | ".join(average) + " |")
         if temperature == 0:
-            for field, text in (
+            for count_key, text in (
                 ("greedy_equal_ar", "Greedy outputs equal to AR's (turns): {} (exact in fp32; "
                  "bf16 rounding may split near-ties)."),
                 ("greedy_target_choice", "Greedy outputs whose every token is the target's "
                  "greedy choice, teacher-forced up to its dtype's rounding (turns): {}."),
             ):  # fmt: skip
-                checks = _greedy_counts(cells, methods, datasets, field)
+                checks = _greedy_counts(cells, methods, datasets, count_key)
                 if checks:
                     lines += ["", text.format(", ".join(checks))]
     return "\n".join(lines) + "\n"
 
 
 def _greedy_counts(
-    cells: Mapping[str, Any], methods: Sequence[str], datasets: Sequence[str], field: str
+    cells: Mapping[str, Any], methods: Sequence[str], datasets: Sequence[str], count_key: str
 ) -> list[str]:
-    """ "<method> <passed>/<turns>" per speculative method, summed over the greedy cells' `field`."""
+    """ "<method> <passed>/<turns>" per speculative method, summed over the greedy cells'
+    summary[count_key] ([passed, turns] pairs)."""
     checks = []
     for method in methods:
         counts = [
-            cells[k]["summary"].get(field)
+            cells[k]["summary"].get(count_key)
             for k in (cell_key(method, d, 0.0) for d in datasets)
             if k in cells and method != "ar"
         ]

@@ -77,30 +77,9 @@ FIRST_CYCLE_ROW = 1
 PREFILL_CHUNK = 256
 # Triton autotunes the attention kernels per power-of-two bucket of query rows, up to 1024 rows
 # (kernels._attention.rows_bucket); prefill chunks and drafter context extensions of these lengths
-# meet every bucket a prompt can (consecutive lengths differ by at most 2x, so each bucket of
-# n x group rows holds one of them, whatever the GQA group)
-WARM_UP_PROMPT_LENS = (
-    1,
-    2,
-    3,
-    4,
-    6,
-    8,
-    12,
-    16,
-    24,
-    32,
-    48,
-    64,
-    96,
-    128,
-    192,
-    256,
-    384,
-    512,
-    768,
-    1024,
-)
+# meet every bucket a prompt can: 1, 2, 3, 4, 6, 8, 12, ..., 768, 1024 (consecutive lengths differ
+# by at most 2x, so each bucket of n x group rows holds one of them, whatever the GQA group)
+WARM_UP_PROMPT_LENS = tuple(sorted(n for k in range(11) for n in (1 << k, 3 << k) if n <= 1024))
 WARM_UP_TOKENS = 32
 
 
