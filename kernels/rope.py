@@ -4,7 +4,12 @@
 rope_qk(q [..., T, Hq, D], k [..., T, Hkv, D], cos, sin [..., T, D / 2] float32,
         q_norm_weight=None [D], k_norm_weight=None [D], eps=1e-6)
     -> q_out [..., T, Hq, D], k_out [..., T, Hkv, D]     (new, contiguous, q's dtype)
+rope_qk_store(q, k, v [..., T, Hkv, D], cos, sin, k_out, v_out [..., T, Hkv, D] (contiguous),
+              q_norm_weight=None, k_norm_weight=None, eps=1e-6)
+    -> q_out                                            (k_out <- rotated k, v_out <- v)
 ```
+`rope_qk_store` is the decode loop's form: it writes the rotated keys and the values straight into
+the cache's local rows, so that a decoder block spends no separate copy launches on them.
 For every head vector x [D] of q and of k (its weight w the q or the k norm weight):
 
     if weights:  t = x.float();  t = t * rsqrt(mean(t * t) + eps);  x = w * t.to(dtype)
@@ -34,8 +39,8 @@ Layouts:
 * weights: [D] contiguous, q's dtype; both None (Llama, Qwen2) or both given (Qwen3).
 * D: a power of two in [16, 256] (each half is one tl.arange block).
 
-Launch: grid (N, Hq + Hkv); program (n, h) rotates head h of row n, of q for h < Hq, else head
-h - Hq of k. Row offsets are int64. Fixed config (launch-bound at decode sizes): one warp.
+Launch: grid (N, Hq + Hkv [+ Hkv]); program (n, h) rotates head h of row n, of q for h < Hq, else
+head h - Hq of k; with `rope_qk_store`, programs h >= Hq + Hkv copy head h - Hq - Hkv of v. Row offsets are int64. Fixed config (launch-bound at decode sizes): one warp.
 """
 
 from __future__ import annotations
@@ -54,45 +59,20 @@ def _rounded(x, dtype: tl.constexpr):
     return x.to(dtype).to(tl.float32)
 
 
-# sizes vary between decode steps and families: one compiled variant per dtype / head_dim / norm
-@triton.jit(do_not_specialize=["num_q_heads", "num_kv_heads", "cos_rows", "eps"])
-def _rope_qk_kernel(
-    # pointers
-    q_ptr,  # [N, Hq, D], rows stride_q_row apart
-    k_ptr,  # [N, Hkv, D], rows stride_k_row apart
-    cos_ptr,  # [cos_rows, D / 2] float32
+@triton.jit
+def _rope_head(
+    src,
+    dst,
+    weight_ptr,
+    cos_ptr,
     sin_ptr,
-    q_weight_ptr,  # [D] (HAS_NORM)
-    k_weight_ptr,
-    q_out_ptr,  # [N, Hq, D] contiguous
-    k_out_ptr,  # [N, Hkv, D] contiguous
-    # sizes
-    num_q_heads,
-    num_kv_heads,
-    cos_rows,
     eps,
-    # strides
-    stride_q_row,
-    stride_k_row,
-    stride_cos_row,
-    stride_sin_row,
-    # meta
     HEAD_DIM: tl.constexpr,
     HAS_NORM: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+    """[optional per-head RMSNorm +] rotate-half of one head vector src[:D] -> dst[:D]."""
     half = tl.arange(0, HEAD_DIM // 2)
-    if head < num_q_heads:
-        src = q_ptr + row * stride_q_row + head * HEAD_DIM
-        dst = q_out_ptr + (row * num_q_heads + head) * HEAD_DIM
-        weight_ptr = q_weight_ptr
-    else:
-        kv_head = head - num_q_heads
-        src = k_ptr + row * stride_k_row + kv_head * HEAD_DIM
-        dst = k_out_ptr + (row * num_kv_heads + kv_head) * HEAD_DIM
-        weight_ptr = k_weight_ptr
-    dtype = q_out_ptr.dtype.element_ty
+    dtype = dst.dtype.element_ty
     first = tl.load(src + half).to(tl.float32)
     second = tl.load(src + HEAD_DIM // 2 + half).to(tl.float32)
 
@@ -105,14 +85,64 @@ def _rope_qk_kernel(
         first = _rounded(weight_first * _rounded(first * inv_rms, dtype), dtype)
         second = _rounded(weight_second * _rounded(second * inv_rms, dtype), dtype)
 
-    # batch rows beyond cos's rows reuse them: cos broadcast over leading batch dims
-    cos_row = row % cos_rows
-    cos = _rounded(tl.load(cos_ptr + cos_row * stride_cos_row + half), dtype)
-    sin = _rounded(tl.load(sin_ptr + cos_row * stride_sin_row + half), dtype)
+    cos = _rounded(tl.load(cos_ptr + half), dtype)
+    sin = _rounded(tl.load(sin_ptr + half), dtype)
     out_first = _rounded(first * cos, dtype) - _rounded(second * sin, dtype)
     out_second = _rounded(second * cos, dtype) + _rounded(first * sin, dtype)
     tl.store(dst + half, out_first.to(dtype))
     tl.store(dst + HEAD_DIM // 2 + half, out_second.to(dtype))
+
+
+# sizes vary between decode steps and families: one compiled variant per dtype / head_dim / norm
+@triton.jit(do_not_specialize=["num_q_heads", "num_kv_heads", "cos_rows", "eps"])
+def _rope_qk_kernel(
+    # pointers
+    q_ptr,  # [N, Hq, D], rows stride_q_row apart
+    k_ptr,  # [N, Hkv, D], rows stride_k_row apart
+    v_ptr,  # [N, Hkv, D], rows stride_v_row apart (HAS_V)
+    cos_ptr,  # [cos_rows, D / 2] float32
+    sin_ptr,
+    q_weight_ptr,  # [D] (HAS_NORM)
+    k_weight_ptr,
+    q_out_ptr,  # [N, Hq, D] contiguous
+    k_out_ptr,  # [N, Hkv, D] contiguous
+    v_out_ptr,  # [N, Hkv, D] contiguous (HAS_V)
+    # sizes
+    num_q_heads,
+    num_kv_heads,
+    cos_rows,
+    eps,
+    # strides
+    stride_q_row,
+    stride_k_row,
+    stride_v_row,
+    stride_cos_row,
+    stride_sin_row,
+    # meta
+    HEAD_DIM: tl.constexpr,
+    HAS_NORM: tl.constexpr,
+    HAS_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    # batch rows beyond cos's rows reuse them: cos broadcast over leading batch dims
+    cos_row = row % cos_rows
+    cos_ptr += cos_row * stride_cos_row
+    sin_ptr += cos_row * stride_sin_row
+    if head < num_q_heads:
+        src = q_ptr + row * stride_q_row + head * HEAD_DIM
+        dst = q_out_ptr + (row * num_q_heads + head) * HEAD_DIM
+        _rope_head(src, dst, q_weight_ptr, cos_ptr, sin_ptr, eps, HEAD_DIM, HAS_NORM)
+    elif head < num_q_heads + num_kv_heads:
+        kv_head = head - num_q_heads
+        src = k_ptr + row * stride_k_row + kv_head * HEAD_DIM
+        dst = k_out_ptr + (row * num_kv_heads + kv_head) * HEAD_DIM
+        _rope_head(src, dst, k_weight_ptr, cos_ptr, sin_ptr, eps, HEAD_DIM, HAS_NORM)
+    elif HAS_V:
+        v_head = head - num_q_heads - num_kv_heads
+        full = tl.arange(0, HEAD_DIM)
+        value = tl.load(v_ptr + row * stride_v_row + v_head * HEAD_DIM + full)
+        tl.store(v_out_ptr + (row * num_kv_heads + v_head) * HEAD_DIM + full, value)
 
 
 def _head_rows(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -152,7 +182,7 @@ def _table_rows(table: torch.Tensor, leading: torch.Size, half_dim: int, name: s
         raise AssertionError(f"{name}: leading dims must flatten without a copy") from err
 
 
-def _rope_qk_impl(
+def _launch(
     q: torch.Tensor,
     k: torch.Tensor,
     cos: torch.Tensor,
@@ -160,7 +190,11 @@ def _rope_qk_impl(
     q_norm_weight: torch.Tensor | None,
     k_norm_weight: torch.Tensor | None,
     eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    k_out: torch.Tensor,
+    v: torch.Tensor | None = None,
+    v_out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Check the inputs, launch the kernel, return the new q_out (k_out and v_out are written)."""
     assert q.dim() >= 3 and k.dim() == q.dim(), "q [..., T, Hq, D], k [..., T, Hkv, D]"
     assert q.shape[:-2] == k.shape[:-2] and q.shape[-1] == k.shape[-1], (
         f"q {tuple(q.shape)} and k {tuple(k.shape)} must share [..., T] and D"
@@ -179,30 +213,67 @@ def _rope_qk_impl(
             assert w.shape == (head_dim,) and w.stride(0) == 1, f"{name} must be contiguous [D]"
             assert w.dtype == q.dtype, f"{name} must have q's dtype {q.dtype}, got {w.dtype}"
             assert w.device == q.device, f"{name} is on {w.device}, q on {q.device}"
-    for name, t in (("k", k), ("cos", cos), ("sin", sin)):
+    has_v = v is not None
+    outputs = (("k_out", k_out), ("v_out", v_out)) if has_v else (("k_out", k_out),)
+    for name, t in (("v", v) if has_v else ("k", k), *outputs):
+        assert t.shape == k.shape and t.dtype == q.dtype, (
+            f"{name} must be {tuple(k.shape)} {q.dtype}, got {tuple(t.shape)} {t.dtype}"
+        )
+    for name, t in outputs:
+        assert t.is_contiguous(), f"{name} must be contiguous, got strides {t.stride()}"
+    for name, t in (("k", k), ("cos", cos), ("sin", sin), *outputs):
         assert t.device == q.device, f"{name} is on {t.device}, q on {q.device}"
     q_rows, k_rows = _head_rows(q, "q"), _head_rows(k, "k")
+    v_rows = _head_rows(v, "v") if has_v else k_rows
     cos_rows = _table_rows(cos, q.shape[:-2], head_dim // 2, "cos")
     sin_rows = _table_rows(sin, q.shape[:-2], head_dim // 2, "sin")
     assert cos_rows.shape == sin_rows.shape, f"cos {cos.shape} and sin {sin.shape} must match"
 
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    k_out = torch.empty(k.shape, dtype=q.dtype, device=q.device)
     num_rows, num_q_heads = q_rows.shape[:2]
     num_kv_heads = k_rows.shape[1]
     if num_rows == 0:
-        return q_out, k_out
-    grid = (num_rows, num_q_heads + num_kv_heads)
+        return q_out
+    grid = (num_rows, num_q_heads + (2 if has_v else 1) * num_kv_heads)
     _rope_qk_kernel[grid](
-        q_rows, k_rows, cos_rows, sin_rows,
+        q_rows, k_rows, v_rows, cos_rows, sin_rows,
         q_norm_weight if has_norm else q_rows, k_norm_weight if has_norm else q_rows,
-        q_out, k_out,
+        q_out, k_out, v_out if has_v else k_out,
         num_q_heads, num_kv_heads, cos_rows.shape[0], float(eps),
-        q_rows.stride(0), k_rows.stride(0), cos_rows.stride(0), sin_rows.stride(0),
-        HEAD_DIM=head_dim, HAS_NORM=has_norm,
+        q_rows.stride(0), k_rows.stride(0), v_rows.stride(0),
+        cos_rows.stride(0), sin_rows.stride(0),
+        HEAD_DIM=head_dim, HAS_NORM=has_norm, HAS_V=has_v,
         num_warps=1, enable_fp_fusion=False,
     )  # fmt: skip
-    return q_out, k_out
+    return q_out
+
+
+def _rope_qk_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    k_out = torch.empty(k.shape, dtype=q.dtype, device=q.device)
+    return _launch(q, k, cos, sin, q_norm_weight, k_norm_weight, eps, k_out), k_out
+
+
+def _rope_qk_store_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    k_norm_weight: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor:
+    return _launch(q, k, cos, sin, q_norm_weight, k_norm_weight, eps, k_out, v, v_out)
 
 
 _rope_qk_op = torch.library.custom_op(
@@ -215,12 +286,27 @@ _rope_qk_op = torch.library.custom_op(
     ),
 )
 
+_rope_qk_store_op = torch.library.custom_op(
+    "d2sd::rope_qk_store",
+    _rope_qk_store_impl,
+    mutates_args=("k_out", "v_out"),
+    schema=(
+        "(Tensor q, Tensor k, Tensor v, Tensor cos, Tensor sin, Tensor(a!) k_out, "
+        "Tensor(b!) v_out, Tensor? q_norm_weight, Tensor? k_norm_weight, float eps) -> Tensor"
+    ),
+)
+
 
 @_rope_qk_op.register_fake
 def _(q, k, cos, sin, q_norm_weight, k_norm_weight, eps):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(
         k.shape, dtype=q.dtype, device=q.device
     )
+
+
+@_rope_qk_store_op.register_fake
+def _(q, k, v, cos, sin, k_out, v_out, q_norm_weight, k_norm_weight, eps):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
 
 
 def rope_qk(
@@ -241,6 +327,31 @@ def rope_qk(
     Returns new contiguous q_out [..., T, Hq, D] and k_out [..., T, Hkv, D] in q's dtype.
     """
     return call_op(_rope_qk_op, _rope_qk_impl, q, k, cos, sin, q_norm_weight, k_norm_weight, eps)
+
+
+def rope_qk_store(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """`rope_qk`, writing the rotated k into k_out and v into v_out (one launch in all).
+
+    q, k, cos, sin, the norm weights: as `rope_qk`; v [..., T, Hkv, D] like k (may be a column
+    slice of the same projection); k_out, v_out [..., T, Hkv, D] contiguous, q's dtype (a cache's
+    local rows). Returns the new contiguous q_out [..., T, Hq, D].
+    """
+    return call_op(
+        _rope_qk_store_op,
+        _rope_qk_store_impl,
+        q, k, v, cos, sin, k_out, v_out, q_norm_weight, k_norm_weight, eps,
+    )  # fmt: skip
 
 
 def rotate_half_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -268,3 +379,22 @@ def rope_qk_ref(
         q = rms_norm_ref(q, q_norm_weight, eps)
         k = rms_norm_ref(k, k_norm_weight, eps)
     return rotate_half_ref(q, cos, sin), rotate_half_ref(k, cos, sin)
+
+
+def rope_qk_store_ref(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Reference of `rope_qk_store`: `rope_qk_ref`, then copies into k_out and v_out."""
+    q_out, k_rotated = rope_qk_ref(q, k, cos, sin, q_norm_weight, k_norm_weight, eps)
+    k_out.copy_(k_rotated)
+    v_out.copy_(v)
+    return q_out

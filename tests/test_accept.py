@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kernels.accept import accept, accept_ref, sample_tokens
-from tests.test_sample_tokens import warped_probs
+from tests.test_sample_tokens import MULTI_CHUNK_V, warped_probs
 
 
 def planted_logits(targets: torch.Tensor, vocab: int, *, gap: float = 4.0) -> torch.Tensor:
@@ -81,6 +81,26 @@ def test_random_walks(num_branches: int, depth: int, vocab: int) -> None:
         cand = torch.randint(0, 3, (num_branches, depth))
         logits = planted_logits(torch.randint(0, 3, (num_branches * depth,)), vocab)
         assert_same(accept(cand, logits), accept_ref(cand, logits))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_multi_chunk_rows_and_arrival_counters(temperature: float) -> None:
+    """Rows of several chunks (the last chunk program to arrive selects, the last row walks), two
+    launches in a row, and the per-device arrival counters left zeroed for the next launch."""
+    from kernels.accept import _ARRIVALS
+
+    vocab = MULTI_CHUNK_V
+    for accepted in ([3, 9, 0], [5, 5, 15]):
+        cand, logits, _ = designed_case(accepted, 16, vocab)
+        uniforms = torch.rand(16) if temperature else None
+        got = accept(cand, logits, temperature=temperature, uniforms=uniforms)
+        assert_same(got, accept_ref(cand, logits, temperature=temperature, uniforms=uniforms))
+        assert not _ARRIVALS[logits.device].any()
+        tokens = sample_tokens(
+            logits, uniforms.repeat(3) if temperature else None, temperature=temperature
+        )
+        assert torch.equal(tokens, got.target_tokens.view(-1))
+        assert not _ARRIVALS[logits.device].any()
 
 
 def test_first_alive_branch_decides() -> None:

@@ -15,6 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from d2sd import ops
 from d2sd.models import ModelSpec
+from d2sd.models.cache import Cache
 from d2sd.models.layers import (
     Rope,
     decoder_layer,
@@ -169,25 +170,65 @@ class _CountLaunches(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _FixedOutput:
+    """An attention backend stub: `cascade` returns a given output (no launch) and keeps the k/v
+    rows it was handed (views: read them before the next step writes them)."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self.out = out
+        self.seen: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def cascade(self, q, k_cache_l, v_cache_l, cache_len, k_local, v_local, **options):
+        self.seen = (k_local, v_local)
+        return self.out
+
+
 @pytest.mark.skipif(not interpreting(), reason="needs TRITON_INTERPRET=1 (the kernels on the CPU)")
 def test_fused_block_launches() -> None:
     """A graphed decode step is launch-bound (H200: 3.0 ms for SmolLM2's 30 blocks), so the
-    fused block's launch count is a contract: 9 besides attention (norm, q|k|v GEMM, q/k-norm +
-    RoPE, o_proj, add + norm, gate|up GEMM, SiLU * up, down, add). HF's modules take 49 here
-    (Qwen3, fp32; bf16 adds the norms' casts)."""
+    fused block's launch count is a contract: 7 besides attention through a cache (norm,
+    q|k|v GEMM, q/k-norm + RoPE writing K/V into the cache's local rows, o_proj, add + norm,
+    gate|up GEMM, SiLU * up, down + residual in one GEMM). HF's modules take 49 here (Qwen3, fp32;
+    bf16 adds the norms' casts), and Cache.attend adds two copies to them."""
     hf, spec, rope = _block("qwen3", seed=2)
     x, cos, sin = _inputs(hf, spec, rope, batch=1, tokens=1)
     layer = hf.model.layers[0]
     attended = _attend(*(torch.randn(1, 1, h, spec.head_dim) for h in (6, 2, 2)))
+    kv_shape = (1, 1, spec.num_kv_heads, spec.head_dim)
+    cache = Cache.allocate(1, 8, 4, spec.num_kv_heads, spec.head_dim, dtype=x.dtype, device="cpu")
+    backend = _FixedOutput(attended)
+
+    def attend(q, k, v):
+        return cache.attend(backend, 0, q, k, v)
+
     with torch.no_grad(), ops.cpu_kernels():
         fused_linear(layer.self_attn, ("q_proj", "k_proj", "v_proj"))
         fused_linear(layer.mlp, ("gate_proj", "up_proj"))
         with _CountLaunches() as fused:
-            fused_decoder_layer(layer, x, cos, sin, lambda q, k, v: attended, spec.block)
+            out = fused_decoder_layer(
+                layer, x, cos, sin, attend, spec.block, cache.local_kv(0, kv_shape)
+            )
+        fused_k_v = tuple(t.clone() for t in backend.seen)
+        # without kv_out the block hands k, v to attend, which copies them: the same rows
+        cache.k_local.zero_()
+        cache.v_local.zero_()
+        plain = fused_decoder_layer(layer, x, cos, sin, attend, spec.block)
+    assert torch.equal(out, plain)
+    for written, copied in zip(fused_k_v, backend.seen):
+        assert torch.equal(written, copied) and written.abs().sum() > 0
     unfused = copy.deepcopy(layer)
     with torch.no_grad(), _CountLaunches() as modules:
         module_decoder_layer(unfused, x, cos, sin, lambda q, k, v: attended, spec.block)
-    assert len(fused.launches) == 9, fused.launches
+    assert fused.launches == [
+        "triton:_rms_norm_kernel",
+        "aten::mm",
+        "triton:_rope_qk_kernel",
+        "aten::mm",
+        "triton:_rms_norm_kernel",
+        "aten::mm",
+        "triton:_silu_mul_kernel",
+        "aten::addmm_",
+    ], fused.launches
     assert len(modules.launches) == 49, modules.launches
 
 

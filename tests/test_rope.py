@@ -1,5 +1,6 @@
 """rope_qk vs rope_qk_ref (CPU interpreter: fp32, fp16; GPU: bf16, fp16, fp32, CUDA graph), and
-rope_qk_ref vs the model's own path (layers.apply_rope after HF's Qwen3RMSNorm) on CPU.
+rope_qk_ref vs the model's own path (layers.apply_rope after HF's Qwen3RMSNorm) on CPU;
+rope_qk_store (the same math, k and v written into given buffers) vs rope_qk.
 
 Why the tolerances: the kernel rounds to the dtype exactly where torch does (normed value, weight
 product, cos/sin, each product, the difference and the sum; products of two bf16/fp16 values are
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from d2sd.models.layers import Rope, apply_rope
-from kernels.rope import rope_qk, rope_qk_ref
+from kernels.rope import rope_qk, rope_qk_ref, rope_qk_store, rope_qk_store_ref
 
 # heads (Hq, Hkv, D) of the two target families
 SMOLLM2 = (9, 3, 64)
@@ -164,6 +165,91 @@ def test_opcheck(norm) -> None:
     case = make_case(SMOLLM2, 1, 2, dtype=torch.float32, norm=norm)
     args = (*case.values(), *(() if norm else (None, None)), 1e-6)
     torch.library.opcheck(torch.ops.d2sd.rope_qk.default, args)
+
+
+# ---------------------------------------------------------------------------------------------
+# rope_qk_store: the same kernel writing k and v into a cache's local rows
+# ---------------------------------------------------------------------------------------------
+
+
+def store_case(heads: tuple[int, int, int], batch: int, tokens: int, **kwargs) -> dict:
+    """make_case plus v (the third column slice of the fused projection) and NaN-filled k_out and
+    v_out: views of rows [0, B * T) of a larger local buffer, as Cache.local_kv gives them."""
+    case = make_case(heads, batch, tokens, fused=False, **kwargs)
+    num_q_heads, num_kv_heads, head_dim = heads
+    q_cols, kv_cols = num_q_heads * head_dim, num_kv_heads * head_dim
+    proj = torch.cat([case["q"].flatten(-2), case["k"].flatten(-2)], dim=-1)
+    proj = torch.cat([proj, torch.randn_like(proj[..., :kv_cols])], dim=-1)
+    case["q"] = proj[..., :q_cols].unflatten(-1, (num_q_heads, head_dim))
+    case["k"] = proj[..., q_cols : q_cols + kv_cols].unflatten(-1, (num_kv_heads, head_dim))
+    case["v"] = proj[..., q_cols + kv_cols :].unflatten(-1, (num_kv_heads, head_dim))
+    for name in ("k_out", "v_out"):
+        local = torch.full(
+            (batch * tokens + 3, num_kv_heads, head_dim),
+            float("nan"),
+            dtype=proj.dtype,
+            device=proj.device,
+        )
+        case[name] = local[: batch * tokens].view(case["k"].shape)
+    return case
+
+
+def check_store(case: dict, q_out: torch.Tensor, dtype: torch.dtype, norm: bool) -> None:
+    plain = {key: case[key] for key in case if key not in ("v", "k_out", "v_out")}
+    # the same kernel body as rope_qk: bit-equal to it, hence within rope_qk's tolerances
+    expected_q, expected_k = rope_qk(**plain)
+    assert torch.equal(q_out, expected_q)
+    assert torch.equal(case["k_out"], expected_k)
+    assert torch.equal(case["v_out"], case["v"])
+    assert_matches_reference(plain, (q_out, case["k_out"]), **tolerances(dtype, norm))
+    ref_k, ref_v = torch.empty_like(case["k_out"]), torch.empty_like(case["v_out"])
+    ref_q = rope_qk_store_ref(**{**case, "k_out": ref_k, "v_out": ref_v})
+    assert torch.equal(ref_v, case["v"])
+    assert torch.equal(ref_k, rope_qk_ref(**plain)[1]) and torch.equal(
+        ref_q, rope_qk_ref(**plain)[0]
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "heads, batch, tokens, norm",
+    [(SMOLLM2, 1, 1, False), (SMOLLM2, 5, 16, True), (QWEN3_8B, 2, 3, True)],
+)
+def test_store_matches_rope_qk(heads, batch, tokens, norm, dtype) -> None:
+    case = store_case(heads, batch, tokens, dtype=dtype, norm=norm)
+    q_out = rope_qk_store(**case)
+    check_store(case, q_out, dtype, norm)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda c: c.update(v_out=torch.empty(4, 2, 3, 64).transpose(0, 1)), "contiguous"),
+        (lambda c: c.update(k_out=c["k_out"][..., :1, :]), "k_out must be"),
+        (lambda c: c.update(v=c["v"].half()), "v must be"),
+    ],
+)
+def test_store_rejects_bad_inputs(change, message) -> None:
+    case = store_case(SMOLLM2, 2, 4, dtype=torch.float32)
+    change(case)
+    with pytest.raises(AssertionError, match=message):
+        rope_qk_store(**case)
+
+
+def test_store_opcheck() -> None:
+    case = store_case(SMOLLM2, 1, 2, dtype=torch.float32, norm=True)
+    args = tuple(case[key] for key in ("q", "k", "v", "cos", "sin", "k_out", "v_out"))
+    args += (case["q_norm_weight"], case["k_norm_weight"], 1e-6)
+    torch.library.opcheck(torch.ops.d2sd.rope_qk_store.default, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads, norm", [(SMOLLM2, False), (QWEN3_8B, True)])
+@pytest.mark.parametrize("batch, tokens", [(1, 1), (5, 16)])
+def test_gpu_store_matches_rope_qk(heads, norm, batch, tokens, dtype) -> None:
+    case = store_case(heads, batch, tokens, dtype=dtype, norm=norm, device="cuda")
+    check_store(case, rope_qk_store(**case), dtype, norm)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -69,6 +69,13 @@ class Cache:
         """Forget every committed row (device-side; the buffers are kept)."""
         self.cache_len.zero_()
 
+    def local_kv(
+        self, layer: int, shape: torch.Size | tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [B, T, Hkv, D] (`shape`) of layer `layer`'s local K and V rows [0, B * T)."""
+        rows = shape[0] * shape[1]
+        return self.k_local[layer, :rows].view(shape), self.v_local[layer, :rows].view(shape)
+
     def attend(
         self,
         backend: Any,
@@ -79,14 +86,15 @@ class Cache:
         **cascade_options: Any,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s attention of this step: write k, v [B, T, Hkv, D] into local rows
-        [0, B * T) and attend q [B, T, Hq, D] to the committed prefix and those rows through
+        [0, B * T) (unless they are already `local_kv`'s views: a fused block wrote them there)
+        and attend q [B, T, Hq, D] to the committed prefix and those rows through
         `backend.cascade` (its options passed on: causal, mask, sm_scale, ...)."""
-        rows = k.shape[0] * k.shape[1]
+        k_local, v_local = self.local_kv(layer, k.shape)
         # one strided copy each (k and v may be views into a fused q|k|v projection)
-        k_local = self.k_local[layer, :rows].view(k.shape)
-        v_local = self.v_local[layer, :rows].view(v.shape)
-        k_local.copy_(k)
-        v_local.copy_(v)
+        if k.data_ptr() != k_local.data_ptr():
+            k_local.copy_(k)
+        if v.data_ptr() != v_local.data_ptr():
+            v_local.copy_(v)
         return backend.cascade(
             q,
             self.k_cache[layer],

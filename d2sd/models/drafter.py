@@ -462,12 +462,13 @@ class DFlashDrafter(nn.Module):
         block = self.config.block
         cos, sin = self.rope(positions)
         x = self.embed(input_ids)
+        kv_shape = (batch, gamma, block.num_kv_heads, block.head_dim)
         for index, layer in enumerate(self.layers):
 
             def attend(q, k, v, index=index):
                 return cache.attend(self.backend, index, q, k, v, causal=False)
 
-            x = decoder_layer(layer, x, cos, sin, attend, block)
+            x = decoder_layer(layer, x, cos, sin, attend, block, cache.local_kv(index, kv_shape))
         return x
 
     def forward(

@@ -93,16 +93,19 @@ def decoder_layer(
     sin: torch.Tensor,
     attend: Attend,
     spec: BlockSpec,
+    kv_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """One pre-norm decoder block over HF `layer`'s weights; attention is `attend(q, k, v) -> o`.
 
     Inference on a dense family runs the fused kernels (`fused_decoder_layer`); training (autograd
     through HF's modules) and GPT-OSS run HF's modules (`module_decoder_layer`). Both compute the
-    same function; in fp32 on the CPU they agree to rounding (the fused GEMMs reduce alike)."""
+    same function; in fp32 on the CPU they agree to rounding (the fused GEMMs reduce alike).
+    kv_out: where `attend` keeps k and v ([..., T, Hkv, D] contiguous, a cache's local rows); the
+    fused block writes them there itself and passes these tensors to `attend` as k and v."""
     # HF's dense MLPs keep their config; act_fn's class changes across transformers versions
     silu_mlp = getattr(getattr(layer.mlp, "config", None), "hidden_act", None) in ("silu", "swish")
     if spec.fused_block and silu_mlp and not torch.is_grad_enabled():
-        return fused_decoder_layer(layer, x, cos, sin, attend, spec)
+        return fused_decoder_layer(layer, x, cos, sin, attend, spec, kv_out)
     return module_decoder_layer(layer, x, cos, sin, attend, spec)
 
 
@@ -131,11 +134,13 @@ def fused_decoder_layer(
     sin: torch.Tensor,
     attend: Attend,
     spec: BlockSpec,
+    kv_out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """`decoder_layer` in 9 launches besides attention (a graphed step is launch-bound: HF's
-    modules take 49): RMSNorm, q|k|v GEMM, q/k-norm + RoPE, o_proj, residual add + RMSNorm,
-    gate|up GEMM, SiLU * up, down_proj, residual add. Kernels on CUDA, their torch references on
-    the CPU (d2sd.ops). Layouts as `decoder_layer`; no grad."""
+    """`decoder_layer` in 7 launches besides attention (a graphed step is launch-bound: HF's
+    modules take 49): RMSNorm, q|k|v GEMM, q/k-norm + RoPE (+ the K/V write into `kv_out`),
+    o_proj, residual add + RMSNorm, gate|up GEMM, SiLU * up, down_proj with the residual added by
+    the GEMM itself (beta = 1). Kernels on CUDA, their torch references on the CPU (d2sd.ops).
+    Layouts as `decoder_layer`; no grad."""
     attn, mlp = layer.self_attn, layer.mlp
     input_norm, post_norm = layer.input_layernorm, layer.post_attention_layernorm
     rms_norm = ops.kernel_or_reference("rms_norm", x.device)
@@ -146,20 +151,23 @@ def fused_decoder_layer(
     q = q.unflatten(-1, (spec.num_heads, spec.head_dim))
     k = k.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
     v = v.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
-    norms = (attn.q_norm, attn.k_norm) if spec.qk_norm else None
-    q, k = ops.kernel_or_reference("rope_qk", x.device)(
-        q,
-        k,
-        cos,
-        sin,
-        norms[0].weight if norms else None,
-        norms[1].weight if norms else None,
-        norms[0].variance_epsilon if norms else 1e-6,
-    )
+    norms = (attn.q_norm.weight, attn.k_norm.weight) if spec.qk_norm else (None, None)
+    eps = attn.q_norm.variance_epsilon if spec.qk_norm else 1e-6
+    if kv_out is None:
+        q, k = ops.kernel_or_reference("rope_qk", x.device)(q, k, cos, sin, *norms, eps)
+    else:
+        k_out, v_out = kv_out
+        rope_store = ops.kernel_or_reference("rope_qk_store", x.device)
+        q, k, v = rope_store(q, k, v, cos, sin, k_out, v_out, *norms, eps), k_out, v_out
     o = attn.o_proj(attend(q, k, v).flatten(-2))
     normed, h = rms_norm(o, post_norm.weight, post_norm.variance_epsilon, residual=x)
     gate_up = nn.functional.linear(normed, *fused_linear(mlp, ("gate_proj", "up_proj")))
-    return h + mlp.down_proj(ops.kernel_or_reference("silu_mul", x.device)(gate_up))
+    act = ops.kernel_or_reference("silu_mul", x.device)(gate_up)
+    if mlp.down_proj.bias is not None:
+        return h + mlp.down_proj(act)
+    # h is this block's own fresh sum: the GEMM accumulates into it (one launch, no add)
+    rows = h.view(-1, h.shape[-1])
+    return rows.addmm_(act.view(-1, act.shape[-1]), mlp.down_proj.weight.t()).view(h.shape)
 
 
 def fused_linear(

@@ -188,7 +188,8 @@ class TargetModel(nn.Module):
                 sink = layer.self_attn.sinks.float()
                 return (o.float() * torch.sigmoid(lse * LN2 - sink)[..., None]).to(o.dtype)
 
-            x = decoder_layer(layer, x, cos, sin, attend, block)
+            kv_out = cache.local_kv(index, (batch, num_tokens, spec.num_kv_heads, spec.head_dim))
+            x = decoder_layer(layer, x, cos, sin, attend, block, kv_out)
             if index in tap_ids and index != last:
                 tapped[index] = x
         x = self.hf.model.norm(x)
