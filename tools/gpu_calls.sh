@@ -13,6 +13,12 @@
 #                                           suite, greedy (GPU1)
 #   call 3  carry []                        the suite resumed under torchrun on both GPUs, greedy
 #                                           and T = 1
+# After a change to the decode step or the sampler (session 4), two calls re-measure what it moves:
+#   call s1 carry [".device", ".device-ga"] the changed kernels' and the system GPU tests (GPU0) ||
+#                                           bench.kernels accept + rope, the 8B cycle (GPU1)
+#   call s2 carry [".device-gb"]            d2sd.run per backend on the real target, with the shipped
+#                                           drafters (GPU0) || the real-target pytest, all 3 backends
+#                                           (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -29,7 +35,7 @@
 # (~2 min each); its full 60-shape run then takes ~140 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: tools/gpu_calls.sh 1|2|3}
+call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2}
 out=${OUT:-gpu-out}
 work="$out/w"
 mkdir -p "$work" /root/stash
@@ -87,8 +93,30 @@ case "$call" in
       -m d2sd.bench --temperatures 0,1 --max-samples "${EVAL_SAMPLES:-40}" --data-dir .stage/datasets \
       --out /root/suite > "$work/suite-torchrun.log" 2>&1
     ;;
+  s1)
+    cp .device-ga/part_a /root/stash/
+    python3 tools/flashinfer_warm.py > "$work/flashinfer-warm.log" 2>&1 &
+    (run_on 0 200 gpu0-kernel-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+        tests/test_accept.py tests/test_sample_tokens.py tests/test_rope.py tests/test_layers.py
+      run_on 0 300 gpu0-system.log tools/gpu_suite.sh system) &
+    (run_on 1 200 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
+      run_on 1 40 gpu1-kernel-bench.log python3 -m bench.kernels --only rope --out "$work"
+      run_on 1 200 gpu1-cycle8b.log python3 -m bench.cycle_8b --backends triton --profile ar \
+        --out-dir "$work") &
+    wait
+    ;;
+  s2)
+    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+    (for backend in triton torch flashinfer; do
+      D2SD_DEFAULT_GGUF=$gguf run_on 0 170 "gpu0-run-$backend.log" python3 -m d2sd.run \
+        --backend "$backend" --json "$work/run-$backend.json"
+    done) &
+    D2SD_DEFAULT_GGUF=$gguf run_on 1 520 gpu1-e2e-tests.log python3 -m pytest -m gpu -q \
+      -p no:cacheprovider -k smollm2 tests/ &
+    wait
+    ;;
   *)
-    echo "unknown call '$call' (1, 2 or 3)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1 or s2)" >&2
     exit 2
     ;;
 esac
