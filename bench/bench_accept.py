@@ -3,12 +3,12 @@ sample_tokens (one AR row), CUDA-graphed, against the torch reference.
 
 Shapes: B = K + 1 = 5 branches, T = gamma2 in {16, 32}, Qwen3 vocabulary 151936 and SmolLM2 49152.
 Modes: greedy (argmax), sampled (temperature 1), sampled with top-k 20 / top-p 0.95 (Qwen3's
-recommended warpers; the cut-search path). Logits bf16, plus fp32 (what a model that upcasts its
+recommended warpers; the bisection path). Logits bf16, plus fp32 (what a model that upcasts its
 logits hands over).
 GB/s counts the bytes that must move: every candidate row read once, B * T * V * element size
 (the partials and the walk's bytes are negligible); roofline = those bytes at 4.3 TB/s. The
-top-k/top-p path re-reads rows (from L2 mostly) once per level of each cut search (4 + 4 in bf16),
-so its GB/s is an effective rate against the one-read minimum.
+top-k/top-p path re-reads rows (from L2 mostly) once per bisection step, so its GB/s is an
+effective rate against the one-read minimum.
 
 python -m bench.kernels --only accept [--quick]
 """

@@ -32,21 +32,15 @@ Per row, x = logits[r]:
 How the kernels find it (no sort, no materialised vocabulary; every pass is over chunks of V):
 * Order keys: the float32 bit pattern mapped to an int32 that orders like the value (-0 -> +0),
   shifted right by the bits the input dtype never sets (bf16 16, fp16 13, fp32 0). The top-k and
-  top-p cuts are both "key >= threshold": the largest key where the cut still holds (top-k counts
-  tokens, top-p sums weights). `_cut_level_kernel` finds it by a 16-ary search over the key range,
-  4 bits per level (4 levels for bf16, 5 for fp16, 8 for fp32 per cut), each level one launch over
-  all (row, chunk) programs: every program counts / sums its chunk at 16 probe keys, and the last
-  program of a row (arrival counter) adds the chunks in order and narrows the row's interval.
-  Runs only when top_k / top_p are set.
-* `_sample_kernel`, grid (rows, chunks of CHUNK = BLOCK * CHUNK_BLOCKS tokens), ONE launch:
-  1. every program reduces its chunk: greedy, the chunk's max and first argmax; sampling, the max
-     m_c of the kept logits and sum_c exp2((x - m_c) * log2(e) / temperature) over kept tokens;
-  2. the last program of a row to finish (an atomic arrival counter per row) selects the row's
-     token: greedy reduces the chunk partials (ties to the first chunk); sampling rescales the
-     chunk masses to the row max, locates u * W in their inclusive prefix sum, and scans only that
-     chunk (block cumsums) for the token;
-  3. (`accept`) the last row to be selected (a second counter) does the walk below.
-  The counters live in one per-device buffer that every launch leaves zeroed (graph replays).
+  top-p cuts are both "key >= threshold", found exactly by bisection on the key: top-k counts
+  tokens, top-p sums weights (one pass over V per step, ~16 steps for bf16). This is the slow
+  path (`_thresholds_kernel`, one program per row) and runs only when top_k / top_p are set.
+* `_partials_kernel`, grid (rows, chunks of CHUNK = BLOCK * CHUNK_BLOCKS tokens): greedy writes
+  each chunk's max and first argmax; sampling writes each chunk's max m_c of the kept logits and
+  sum_c exp2((x - m_c) * log2(e) / temperature) over the kept tokens.
+* `_select_kernel`, grid (rows,): greedy reduces the chunk partials (ties to the first chunk);
+  sampling rescales the chunk masses to the row max, locates u * W in their inclusive prefix sum,
+  and scans only that chunk (block cumsums) for the token.
   BLOCK and CHUNK depend on V only, never on the number of rows, so a row gets bit-identical
   float sums (hence the same token for the same u) whether it is sampled alone (AR) or among the
   B * T verification rows: sampled speculative decoding is lossless by construction.
@@ -62,10 +56,12 @@ Outputs: num_accepted = a (drafts accepted), branch = f(a) (the chosen branch),
 out_tokens[:a + 1] = s_0 .. s_a (= t_1 .. t_a, bonus) and -1 after, bonus = s_a,
 path_rows[t] = row_of[branch, t] for every t < T (rows past a continue along the chosen branch, so
 `commit` can copy a fixed T rows), target_tokens = every pair's target (debugging, tests).
-Launches: [cut levels] + the sampler, whose last program does the walk without a loop over depths:
-alive branches at depth t are exactly those agreeing with f(t) on drafts 1..t, so it tabulates,
-for every possible (f, t), the next first-alive branch, then jumps from one first-alive branch to
-the next (at most B jumps, all in registers).
+Launches: [thresholds] + partials + select give target_tokens (greedy too: when the one-program
+walk reduced the greedy chunk partials itself, greedy accept was slower than sampled accept), then
+`_accept_scan_kernel` (one program) does the walk without a loop over depths: alive branches at
+depth t are exactly those agreeing with f(t) on drafts 1..t, so it tabulates, for every possible
+(f, t), the next first-alive branch, then jumps from one first-alive branch to the next (at most
+B jumps, all in registers).
 """
 
 from __future__ import annotations
@@ -118,6 +114,31 @@ def _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS: tl.constexpr
 
 
 @triton.jit
+def _count_at_least(row_ptr, vocab, key_min, KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    """Number of tokens with key >= key_min."""
+    offs = tl.arange(0, BLOCK)
+    count = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        idx = start + offs
+        x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        count += ((_order_key(x, KEY_SHIFT) >= key_min) & (idx < vocab)).to(tl.int32)
+    return tl.sum(count, axis=0)
+
+
+@triton.jit
+def _mass_at_least(
+    row_ptr, vocab, key_min, x_max, scale, KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr
+):
+    """sum of exp((x - x_max) / temperature) over the tokens with key >= key_min."""
+    offs = tl.arange(0, BLOCK)
+    mass = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, vocab, BLOCK):
+        x, kept = _kept_logits(row_ptr, start + offs, vocab, key_min, True, KEY_SHIFT)
+        mass += _weight(x, kept, x_max, scale)
+    return tl.sum(mass, axis=0)
+
+
+@triton.jit
 def _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, NONE: tl.constexpr):
     """Reduce per-chunk (max, first argmax): the largest value, ties to the first chunk."""
     best = tl.max(chunk_max, axis=0)
@@ -131,121 +152,89 @@ def _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, NONE: tl.co
 
 
 @triton.jit
-def _cut_level_kernel(
+def _thresholds_kernel(
     # pointers
     logits_ptr,  # [*, V]
-    rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
-    lo_ptr,  # [P] int64 state: the cut holds at key lo ...
-    hi_ptr,  # [P] int64 state: ... and fails at key hi
-    target_ptr,  # [P] f32 state (MASS): top_p * the kept mass
-    threshold_ptr,  # [P] int32 out: lo after this level
-    probe_ptr,  # [P, S, PROBES] f32 scratch: per chunk, count / mass of keys >= each probe
-    chunk_max_ptr,  # [P, S] f32 scratch (MASS): the chunk's max logit
-    arrivals_ptr,  # [>= P] int32, zero on entry and on exit
+    rows_ptr,  # [P] int32/int64, pair -> logits row (HAS_ROWS)
+    threshold_ptr,  # [P] int32 out: keep tokens with key >= threshold
     # sizes and scalars
     vocab,
-    num_chunks,
-    top_k,
-    top_p,
+    top_k,  # 0: no top-k cut
+    top_p,  # 1.0: no top-p cut
     scale,  # log2(e) / temperature
     # strides
     stride_row,
     # meta
     HAS_ROWS: tl.constexpr,
-    MASS: tl.constexpr,  # top-p (sums weights) instead of top-k (counts tokens)
-    FRESH_LO: tl.constexpr,  # lo = KEY_LO instead of the state's
-    FRESH_HI: tl.constexpr,  # hi = KEY_END instead of the state's (the first top-p level)
     KEY_SHIFT: tl.constexpr,
-    KEY_LO: tl.constexpr,
-    KEY_END: tl.constexpr,
-    PROBES: tl.constexpr,
-    SUB: tl.constexpr,
-    CHUNK: tl.constexpr,
-    BLOCK_S: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    """One level of the PROBES-ary search for a cut key: grid (P, S chunks of CHUNK tokens)."""
     pair = tl.program_id(0)
-    chunk = tl.program_id(1)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
-    if FRESH_LO:
-        lo = tl.full([], KEY_LO, tl.int64)
-    else:
-        lo = tl.load(lo_ptr + pair)
-    if FRESH_HI:
-        hi = tl.full([], KEY_END, tl.int64)
-    else:
-        hi = tl.load(hi_ptr + pair)
-    # probe 0 is lo itself (its total is the kept mass on the first top-p level)
-    probe_ids = tl.arange(0, PROBES)
-    probes = lo + (probe_ids.to(tl.int64) * (hi - lo)) // PROBES
-    offs = tl.arange(0, SUB)
-    totals = tl.zeros([PROBES], tl.float32)
-    run_max = float("-inf")
-    for start in range(chunk * CHUNK, chunk * CHUNK + CHUNK, SUB):
+    offs = tl.arange(0, BLOCK)
+    max_acc = tl.full([BLOCK], float("-inf"), tl.float32)
+    key_lo_acc = tl.full([BLOCK], 2147483647, tl.int32)
+    key_hi_acc = tl.full([BLOCK], -2147483648, tl.int32)
+    for start in range(0, vocab, BLOCK):
         idx = start + offs
         x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-        at_least = (_order_key(x, KEY_SHIFT)[None, :] >= probes[:, None]) & (idx < vocab)[None, :]
-        if MASS:
-            new_max = tl.maximum(run_max, tl.max(x, axis=0))
-            ref_max = tl.where(new_max > float("-inf"), new_max, 0.0)
-            totals = totals * tl.exp2((run_max - ref_max) * scale)
-            w = tl.exp2((x - ref_max) * scale)
-            totals += tl.sum(tl.where(at_least, w[None, :], 0.0), axis=1)
-            run_max = new_max
-        else:
-            totals += tl.sum(at_least.to(tl.float32), axis=1)
-    partial = pair * num_chunks + chunk
-    tl.store(probe_ptr + partial * PROBES + probe_ids, totals)
-    if MASS:
-        tl.store(chunk_max_ptr + partial, run_max)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrivals_ptr + pair, 1)
-    if arrived == num_chunks - 1:
-        # the last chunk of the row: sum the partials in chunk order (deterministic, unlike
-        # float atomics: AR and verification must cut a row identically), keep the last probe
-        # where the cut holds and the first where it fails
-        tl.store(arrivals_ptr + pair, 0)
-        chunk_ids = tl.arange(0, BLOCK_S)
-        valid = chunk_ids < num_chunks
-        rows = pair * num_chunks + chunk_ids
-        parts = tl.load(
-            probe_ptr + rows[:, None] * PROBES + probe_ids[None, :],
-            mask=valid[:, None],
-            other=0.0,
-            cache_modifier=".cg",
-        )
-        if MASS:
-            chunk_max = tl.load(
-                chunk_max_ptr + rows, mask=valid, other=float("-inf"), cache_modifier=".cg"
-            )
-            x_max = tl.max(chunk_max, axis=0)
-            rescale = tl.where(chunk_max > float("-inf"), tl.exp2((chunk_max - x_max) * scale), 0.0)
-            sums = tl.sum(parts * rescale[:, None], axis=0)
-            if FRESH_HI:
-                need = top_p * tl.sum(tl.where(probe_ids == 0, sums, 0.0), axis=0)
-                tl.store(target_ptr + pair, need)
+        key = _order_key(x, KEY_SHIFT)
+        max_acc = tl.maximum(max_acc, x)
+        key_lo_acc = tl.minimum(key_lo_acc, tl.where(idx < vocab, key, 2147483647))
+        key_hi_acc = tl.maximum(key_hi_acc, tl.where(idx < vocab, key, -2147483648))
+    x_max = tl.max(max_acc, axis=0)
+    # Invariant of both bisections: the cut holds at key `lo` and fails at key `hi`; int64 bounds
+    # because hi - lo can exceed the int32 range (keys span it), midpoints always fit in int32.
+    lo = tl.min(key_lo_acc, axis=0).to(tl.int64)
+    key_end = tl.max(key_hi_acc, axis=0).to(tl.int64) + 1
+    if top_k > 0:
+        hi = key_end
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            if _count_at_least(row_ptr, vocab, mid.to(tl.int32), KEY_SHIFT, BLOCK) >= top_k:
+                lo = mid
             else:
-                need = tl.load(target_ptr + pair)
-        else:
-            sums = tl.sum(parts, axis=0)
-            need = top_k + 0.0
-        holds = sums >= need
-        new_lo = tl.max(tl.where(holds, probes, lo), axis=0)
-        new_hi = tl.min(tl.where(holds, hi, probes), axis=0)
-        tl.store(lo_ptr + pair, new_lo)
-        tl.store(hi_ptr + pair, new_hi)
-        tl.store(threshold_ptr + pair, new_lo.to(tl.int32))
+                hi = mid
+    if top_p < 1.0:
+        target = top_p * _mass_at_least(
+            row_ptr, vocab, lo.to(tl.int32), x_max, scale, KEY_SHIFT, BLOCK
+        )
+        hi = key_end
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            mass = _mass_at_least(row_ptr, vocab, mid.to(tl.int32), x_max, scale, KEY_SHIFT, BLOCK)
+            if mass >= target:
+                lo = mid
+            else:
+                hi = mid
+    tl.store(threshold_ptr + pair, lo.to(tl.int32))
 
 
 @triton.jit
-def _chunk_partial(
-    logits_ptr, rows_ptr, threshold_ptr, chunk_max_ptr, chunk_argmax_ptr, chunk_mass_ptr,
-    pair, chunk, vocab, num_chunks, scale, stride_row,
-    HAS_ROWS: tl.constexpr, HAS_THRESHOLD: tl.constexpr, GREEDY: tl.constexpr,
-    KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr,
-):  # fmt: skip
-    """Store chunk `chunk` of pair `pair`'s row: its max kept logit and (greedy) its first argmax,
-    or (sampling) sum exp2((x - chunk max) * scale) over its kept tokens."""
+def _partials_kernel(
+    # pointers
+    logits_ptr,  # [*, V]
+    rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
+    threshold_ptr,  # [P] int32 (HAS_THRESHOLD)
+    chunk_max_ptr,  # [P, S] f32 out: max kept logit of the chunk
+    chunk_argmax_ptr,  # [P, S] int32 out (GREEDY): its first token id
+    chunk_mass_ptr,  # [P, S] f32 out (not GREEDY): sum exp2((x - chunk max) * scale) over kept
+    # sizes and scalars
+    vocab,
+    num_chunks,
+    scale,
+    # strides
+    stride_row,
+    # meta
+    HAS_ROWS: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr,
+    GREEDY: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    chunk = tl.program_id(1)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
     threshold = 0
     if HAS_THRESHOLD:
@@ -280,28 +269,43 @@ def _chunk_partial(
 
 
 @triton.jit
-def _select_token(
-    logits_ptr, rows_ptr, threshold_ptr, chunk_max_ptr, chunk_argmax_ptr, chunk_mass_ptr,
-    uniforms_ptr, pair, vocab, num_chunks, uniform_period, scale, stride_row,
-    HAS_ROWS: tl.constexpr, HAS_THRESHOLD: tl.constexpr, GREEDY: tl.constexpr,
-    KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr, CHUNK_BLOCKS: tl.constexpr,
+def _select_kernel(
+    # pointers
+    logits_ptr,  # [*, V]
+    rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
+    threshold_ptr,  # [P] int32 (HAS_THRESHOLD)
+    chunk_max_ptr,  # [P, S] f32
+    chunk_argmax_ptr,  # [P, S] int32 (GREEDY)
+    chunk_mass_ptr,  # [P, S] f32 (not GREEDY)
+    uniforms_ptr,  # [uniform_period] f32: pair p draws uniforms[p % uniform_period]
+    tokens_ptr,  # [P] int64 out
+    # sizes and scalars
+    vocab,
+    num_chunks,
+    uniform_period,
+    scale,
+    # strides
+    stride_row,
+    # meta
+    HAS_ROWS: tl.constexpr,
+    HAS_THRESHOLD: tl.constexpr,
+    GREEDY: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    CHUNK_BLOCKS: tl.constexpr,
     BLOCK_S: tl.constexpr,
-):  # fmt: skip
-    """Pair `pair`'s token from its chunk partials (written by other programs: read through L2)."""
+):
+    pair = tl.program_id(0)
     chunk_ids = tl.arange(0, BLOCK_S)
     valid = chunk_ids < num_chunks
     partial = pair * num_chunks + chunk_ids
-    chunk_max = tl.load(
-        chunk_max_ptr + partial, mask=valid, other=float("-inf"), cache_modifier=".cg"
-    )
+    chunk_max = tl.load(chunk_max_ptr + partial, mask=valid, other=float("-inf"))
     if GREEDY:
-        chunk_argmax = tl.load(
-            chunk_argmax_ptr + partial, mask=valid, other=0, cache_modifier=".cg"
-        )
+        chunk_argmax = tl.load(chunk_argmax_ptr + partial, mask=valid, other=0)
         token = _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, BLOCK_S)
     else:
         x_max = tl.max(chunk_max, axis=0)
-        chunk_mass = tl.load(chunk_mass_ptr + partial, mask=valid, other=0.0, cache_modifier=".cg")
+        chunk_mass = tl.load(chunk_mass_ptr + partial, mask=valid, other=0.0)
         mass = tl.where(
             chunk_max > float("-inf"), chunk_mass * tl.exp2((chunk_max - x_max) * scale), 0.0
         )
@@ -334,16 +338,29 @@ def _select_token(
             last_positive = tl.maximum(last_positive, tl.max(tl.where(w > 0.0, idx, -1), axis=0))
             run = tl.max(through, axis=0)
         token = tl.where(found < 2147483647, found, last_positive)
-    return token
+    tl.store(tokens_ptr + pair, token.to(tl.int64))
 
 
 @triton.jit
-def _accept_scan(
-    cand_ptr, rows_ptr, tokens_ptr, num_accepted_ptr, bonus_ptr, branch_ptr, path_rows_ptr,
-    out_tokens_ptr, target_tokens_ptr, num_branches, depth,
-    HAS_ROWS: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_T: tl.constexpr,
-):  # fmt: skip
-    """The walk over depths (module docstring), from every pair's target token in tokens_ptr."""
+def _accept_scan_kernel(
+    # pointers
+    cand_ptr,  # [B, T] int64, contiguous
+    rows_ptr,  # [B, T] int32/int64, contiguous (HAS_ROWS)
+    tokens_ptr,  # [B * T] int64 target tokens
+    num_accepted_ptr,  # [1] int32 out
+    bonus_ptr,  # [1] int64 out
+    branch_ptr,  # [1] int32 out
+    path_rows_ptr,  # [T] int32 out
+    out_tokens_ptr,  # [T] int64 out
+    target_tokens_ptr,  # [B, T] int64 out
+    # sizes
+    num_branches,
+    depth,
+    # meta
+    HAS_ROWS: tl.constexpr,
+    BLOCK_B: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
     ob = tl.arange(0, BLOCK_B)
     ot = tl.arange(0, BLOCK_T)
     b_ok = ob < num_branches
@@ -352,8 +369,7 @@ def _accept_scan(
     pair_ok = b_ok[:, None] & t_ok[None, :]
     # every global load up front: the walk below is a chain of dependent reductions
     cand = tl.load(cand_ptr + pair, mask=pair_ok, other=-1)
-    # written by the other programs' selections: read through L2
-    target = tl.load(tokens_ptr + pair, mask=pair_ok, other=-1, cache_modifier=".cg")
+    target = tl.load(tokens_ptr + pair, mask=pair_ok, other=-1)
     next_ok = b_ok[None, :] & (ot + 1 < depth)[:, None]
     next_draft = tl.load(cand_ptr + ob[None, :] * depth + ot[:, None] + 1, mask=next_ok, other=-1)
     if HAS_ROWS:
@@ -411,80 +427,6 @@ def _accept_scan(
     tl.store(branch_ptr, branch)
 
 
-@triton.jit
-def _sample_kernel(
-    # pointers
-    logits_ptr,  # [*, V]
-    rows_ptr,  # [P] int32/int64, pair -> logits row (HAS_ROWS)
-    threshold_ptr,  # [P] int32 (HAS_THRESHOLD)
-    chunk_max_ptr,  # [P, S] f32 scratch: max kept logit of each chunk
-    chunk_argmax_ptr,  # [P, S] int32 scratch (GREEDY): its first token id
-    chunk_mass_ptr,  # [P, S] f32 scratch (not GREEDY): sum exp2((x - chunk max) * scale), kept
-    uniforms_ptr,  # [uniform_period] f32: pair p draws uniforms[p % uniform_period]
-    tokens_ptr,  # [P] int64 out
-    arrivals_ptr,  # [>= P + 1] int32, zero on entry and on exit: chunks done per pair, pairs done
-    cand_ptr,  # [B, T] int64 (SCAN), P = B * T
-    num_accepted_ptr,  # [1] int32 out (SCAN)
-    bonus_ptr,  # [1] int64 out (SCAN)
-    branch_ptr,  # [1] int32 out (SCAN)
-    path_rows_ptr,  # [T] int32 out (SCAN)
-    out_tokens_ptr,  # [T] int64 out (SCAN)
-    target_tokens_ptr,  # [B, T] int64 out (SCAN)
-    # sizes and scalars
-    vocab,
-    num_chunks,
-    uniform_period,
-    scale,
-    num_pairs,
-    num_branches,
-    depth,
-    # strides
-    stride_row,
-    # meta
-    HAS_ROWS: tl.constexpr,
-    HAS_THRESHOLD: tl.constexpr,
-    GREEDY: tl.constexpr,
-    KEY_SHIFT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    CHUNK_BLOCKS: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-    SCAN: tl.constexpr,
-    BLOCK_B: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-):
-    pair = tl.program_id(0)
-    chunk = tl.program_id(1)
-    _chunk_partial(
-        logits_ptr, rows_ptr, threshold_ptr, chunk_max_ptr, chunk_argmax_ptr, chunk_mass_ptr,
-        pair, chunk, vocab, num_chunks, scale, stride_row,
-        HAS_ROWS, HAS_THRESHOLD, GREEDY, KEY_SHIFT, BLOCK, CHUNK_BLOCKS,
-    )  # fmt: skip
-    # The last chunk program of a pair to arrive selects its token, and (SCAN) the last pair's
-    # selecting program walks the candidates: one launch instead of three (each launch costs a few
-    # us of latency in a graph, as much as the whole selection). The barrier puts every thread's
-    # stores before the atomic's release; the atomics are acq_rel at GPU scope.
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrivals_ptr + pair, 1)
-    if arrived == num_chunks - 1:
-        tl.store(arrivals_ptr + pair, 0)  # ready for the next launch (graph replays)
-        token = _select_token(
-            logits_ptr, rows_ptr, threshold_ptr, chunk_max_ptr, chunk_argmax_ptr, chunk_mass_ptr,
-            uniforms_ptr, pair, vocab, num_chunks, uniform_period, scale, stride_row,
-            HAS_ROWS, HAS_THRESHOLD, GREEDY, KEY_SHIFT, BLOCK, CHUNK_BLOCKS, BLOCK_S,
-        )  # fmt: skip
-        tl.store(tokens_ptr + pair, token.to(tl.int64))
-        if SCAN:
-            tl.debug_barrier()
-            pairs_done = tl.atomic_add(arrivals_ptr + num_pairs, 1)
-            if pairs_done == num_pairs - 1:
-                tl.store(arrivals_ptr + num_pairs, 0)
-                _accept_scan(
-                    cand_ptr, rows_ptr, tokens_ptr, num_accepted_ptr, bonus_ptr, branch_ptr,
-                    path_rows_ptr, out_tokens_ptr, target_tokens_ptr, num_branches, depth,
-                    HAS_ROWS, BLOCK_B, BLOCK_T,
-                )  # fmt: skip
-
-
 # ----------------------------------------------------------------------------------------------
 # Configuration: a function of V and the dtype only (never of the row count; see the docstring)
 # ----------------------------------------------------------------------------------------------
@@ -497,11 +439,8 @@ _KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 # the sampled rounding (consistently for AR and verification: they depend on V only).
 _BLOCK = 8192  # tokens per block of the partial/select kernels
 _CHUNK_BLOCKS = 1  # blocks per chunk: one partials program reads CHUNK = 8192 tokens of a row
-_NUM_WARPS = {"cut": 8, "sample": 8}
-# The cut search: PROBES-ary, so log2(PROBES) bits of the key per level (a launch each); keys have
-# 32 - KEY_SHIFT bits: 4 levels for bf16, 5 for fp16, 8 for fp32 per cut. SUB tokens per step.
-_PROBES = 16
-_CUT_SUB = 512
+_THRESHOLD_BLOCK = 8192
+_NUM_WARPS = {"thresholds": 32, "partials": 8, "select": 8, "scan": 4}
 
 
 def _chunking(vocab: int) -> tuple[int, int, int]:
@@ -509,76 +448,6 @@ def _chunking(vocab: int) -> tuple[int, int, int]:
     block = min(_BLOCK, triton.next_power_of_2(vocab))
     chunk_blocks = min(_CHUNK_BLOCKS, triton.cdiv(vocab, block))
     return block, chunk_blocks, triton.cdiv(vocab, block * chunk_blocks)
-
-
-class _Scan(NamedTuple):
-    """What `accept` adds to the sampler's launch: the candidates and the walk's outputs."""
-
-    cand_tokens: torch.Tensor
-    num_accepted: torch.Tensor
-    bonus: torch.Tensor
-    branch: torch.Tensor
-    path_rows: torch.Tensor
-    out_tokens: torch.Tensor
-    target_tokens: torch.Tensor
-
-
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrivals(device: torch.device, num_pairs: int) -> torch.Tensor:
-    """The sampler's arrival counters on `device` (>= num_pairs + 1, zero between launches).
-
-    One buffer per device, allocated once (a graph replays with it): every launch leaves it zeroed
-    again. Two samplers must therefore not run at the same time on two streams of one device."""
-    counters = _ARRIVALS.get(device)
-    if counters is None or counters.numel() < num_pairs + 1:
-        counters = torch.zeros(max(num_pairs + 1, 1024), dtype=torch.int32, device=device)
-        _ARRIVALS[device] = counters
-    return counters
-
-
-def _cut_thresholds(
-    logits: torch.Tensor,
-    rows: torch.Tensor | None,
-    num_pairs: int,
-    scale: float,
-    top_k: int,
-    top_p: float,
-    chunk: int,
-    num_chunks: int,
-) -> torch.Tensor:
-    """Per pair, the key threshold of the top-k then top-p cut ([P] int32): the top-k cut is the
-    largest key v with count(key >= v) >= top_k; the top-p cut the largest v >= that with
-    mass(key >= v) >= top_p * mass(key >= the top-k cut). Each is a PROBES-ary search over the key
-    range, one launch per level, every level over all (pair, chunk) programs at once."""
-    device = logits.device
-    key_bits = 32 - _KEY_SHIFT[logits.dtype]
-    levels = math.ceil(key_bits / math.log2(_PROBES))
-    lo = torch.empty(num_pairs, dtype=torch.int64, device=device)
-    hi = torch.empty_like(lo)
-    target = torch.empty(num_pairs, dtype=torch.float32, device=device)
-    threshold = torch.empty(num_pairs, dtype=torch.int32, device=device)
-    probe_sums = torch.empty(num_pairs, num_chunks, _PROBES, dtype=torch.float32, device=device)
-    chunk_max = torch.empty(num_pairs, num_chunks, dtype=torch.float32, device=device)
-    arrivals = _arrivals(device, num_pairs)
-    searches = ([False] if top_k > 0 else []) + ([True] if top_p < 1.0 else [])
-    for search, mass in enumerate(searches):
-        for level in range(levels):
-            _cut_level_kernel[(num_pairs, num_chunks)](
-                logits, rows if rows is not None else lo, lo, hi, target, threshold,
-                probe_sums, chunk_max, arrivals,
-                logits.shape[1], num_chunks, top_k, top_p, scale,
-                logits.stride(0),
-                HAS_ROWS=rows is not None, MASS=mass,
-                FRESH_LO=search == 0 and level == 0, FRESH_HI=level == 0,
-                KEY_SHIFT=_KEY_SHIFT[logits.dtype],
-                KEY_LO=-(1 << (key_bits - 1)), KEY_END=1 << (key_bits - 1),
-                PROBES=_PROBES, SUB=min(_CUT_SUB, chunk), CHUNK=chunk,
-                BLOCK_S=triton.next_power_of_2(num_chunks),
-                num_warps=_NUM_WARPS["cut"],
-            )  # fmt: skip
-    return threshold
 
 
 def _sample_pairs(
@@ -590,11 +459,9 @@ def _sample_pairs(
     temperature: float,
     top_k: int,
     top_p: float,
-    scan: _Scan | None = None,
 ) -> torch.Tensor:
     """Launch the sampler on `num_pairs` pairs -> tokens [P] int64; pair p reads logits row rows[p]
-    (default p) and uniforms[p % uniform_period]. With `scan`, the same launch also walks the
-    candidates (`accept`) and writes the walk's outputs into its tensors."""
+    (default p) and uniforms[p % uniform_period]."""
     vocab = logits.shape[1]
     block, chunk_blocks, num_chunks = _chunking(vocab)
     key_shift = _KEY_SHIFT[logits.dtype]
@@ -605,9 +472,6 @@ def _sample_pairs(
     has_threshold = top_k > 0 or top_p < 1.0
     has_rows = rows is not None
     device = logits.device
-    tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)
-    if num_pairs == 0:
-        return tokens
     chunk_max = torch.empty(num_pairs, num_chunks, dtype=torch.float32, device=device)
     chunk_val = torch.empty(
         num_pairs, num_chunks, dtype=torch.int32 if greedy else torch.float32, device=device
@@ -615,22 +479,32 @@ def _sample_pairs(
     rows_arg = rows if has_rows else chunk_max  # unused pointer when HAS_ROWS is off
     threshold = chunk_max
     if has_threshold:
-        threshold = _cut_thresholds(
-            logits, rows, num_pairs, scale, top_k, top_p, block * chunk_blocks, num_chunks
-        )
-    scan_args = scan if scan is not None else (tokens,) * len(_Scan._fields)
-    num_branches, depth = scan.cand_tokens.shape if scan is not None else (1, 1)
-    _sample_kernel[(num_pairs, num_chunks)](
+        threshold = torch.empty(num_pairs, dtype=torch.int32, device=device)
+        _thresholds_kernel[(num_pairs,)](
+            logits, rows_arg, threshold,
+            vocab, top_k, top_p, scale,
+            logits.stride(0),
+            HAS_ROWS=has_rows, KEY_SHIFT=key_shift,
+            BLOCK=min(_THRESHOLD_BLOCK, triton.next_power_of_2(vocab)),
+            num_warps=_NUM_WARPS["thresholds"],
+        )  # fmt: skip
+    _partials_kernel[(num_pairs, num_chunks)](
         logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,
-        uniforms if uniforms is not None else chunk_max, tokens, _arrivals(device, num_pairs),
-        *scan_args,
-        vocab, num_chunks, uniform_period, scale, num_pairs, num_branches, depth,
+        vocab, num_chunks, scale,
+        logits.stride(0),
+        HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy, KEY_SHIFT=key_shift,
+        BLOCK=block, CHUNK_BLOCKS=chunk_blocks,
+        num_warps=_NUM_WARPS["partials"],
+    )  # fmt: skip
+    tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)
+    _select_kernel[(num_pairs,)](
+        logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,
+        uniforms if uniforms is not None else chunk_max, tokens,
+        vocab, num_chunks, uniform_period, scale,
         logits.stride(0),
         HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy, KEY_SHIFT=key_shift,
         BLOCK=block, CHUNK_BLOCKS=chunk_blocks, BLOCK_S=triton.next_power_of_2(num_chunks),
-        SCAN=scan is not None,
-        BLOCK_B=triton.next_power_of_2(num_branches), BLOCK_T=triton.next_power_of_2(depth),
-        num_warps=_NUM_WARPS["sample"],
+        num_warps=_NUM_WARPS["select"],
     )  # fmt: skip
     return tokens
 
@@ -716,19 +590,23 @@ def _accept_op(
     uniforms: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     num_branches, depth = cand_tokens.shape
-    device = logits.device
-    scan = _Scan(
-        cand_tokens,
-        num_accepted=torch.empty(1, dtype=torch.int32, device=device),
-        bonus=torch.empty(1, dtype=torch.int64, device=device),
-        branch=torch.empty(1, dtype=torch.int32, device=device),
-        path_rows=torch.empty(depth, dtype=torch.int32, device=device),
-        out_tokens=torch.empty(depth, dtype=torch.int64, device=device),
-        target_tokens=torch.empty(num_branches, depth, dtype=torch.int64, device=device),
-    )
     num_pairs = num_branches * depth
-    _sample_pairs(logits, row_of, num_pairs, uniforms, depth, temperature, top_k, top_p, scan)
-    num_accepted, bonus, branch, path_rows, out_tokens, target_tokens = scan[1:]
+    tokens = _sample_pairs(logits, row_of, num_pairs, uniforms, depth, temperature, top_k, top_p)
+    device = logits.device
+    num_accepted = torch.empty(1, dtype=torch.int32, device=device)
+    bonus = torch.empty(1, dtype=torch.int64, device=device)
+    branch = torch.empty(1, dtype=torch.int32, device=device)
+    path_rows = torch.empty(depth, dtype=torch.int32, device=device)
+    out_tokens = torch.empty(depth, dtype=torch.int64, device=device)
+    target_tokens = torch.empty(num_branches, depth, dtype=torch.int64, device=device)
+    _accept_scan_kernel[(1,)](
+        cand_tokens, row_of if row_of is not None else cand_tokens, tokens,
+        num_accepted, bonus, branch, path_rows, out_tokens, target_tokens,
+        num_branches, depth,
+        HAS_ROWS=row_of is not None,
+        BLOCK_B=triton.next_power_of_2(num_branches), BLOCK_T=triton.next_power_of_2(depth),
+        num_warps=_NUM_WARPS["scan"],
+    )  # fmt: skip
     return num_accepted, bonus, branch, path_rows, out_tokens, target_tokens
 
 

@@ -15,11 +15,11 @@ import math
 import pytest
 import torch
 
-from kernels.accept import _BLOCK, _CHUNK_BLOCKS, sample_tokens, sample_tokens_ref
+from kernels.accept import _BLOCK, _CHUNK_BLOCKS, _THRESHOLD_BLOCK, sample_tokens, sample_tokens_ref
 
 CHUNK = _BLOCK * _CHUNK_BLOCKS
 MULTI_CHUNK_V = 2 * CHUNK + 77  # three chunks, the last one partial
-MULTI_BLOCK_V = CHUNK + 904  # two chunks (programs) in every level of the cut search
+MULTI_BLOCK_V = _THRESHOLD_BLOCK + 904  # two blocks in the threshold kernel's passes
 P_MIN = 1e-3  # the statistical tests' threshold
 
 
@@ -232,8 +232,7 @@ def test_sampled_matches_reference(
     "vocab, top_k, top_p",
     [
         (MULTI_CHUNK_V, 0, 1.0),  # several chunks: mass prefix over chunks, scan of one chunk
-        (MULTI_BLOCK_V, 7, 0.9),  # several chunks in every level of both cut searches
-        (MULTI_BLOCK_V, 0, 0.5),  # top-p alone, over the whole key range
+        (MULTI_BLOCK_V, 7, 0.9),  # several blocks in every bisection pass
         (MULTI_BLOCK_V, MULTI_BLOCK_V - 1, 1.0),  # top_k = V - 1: cuts one token
         (50, 50, 1.0),  # top_k = V and top_k > V keep everything
         (50, 80, 1.0),
