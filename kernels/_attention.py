@@ -121,6 +121,43 @@ def attend_range(
 
 
 @triton.jit
+def attend_local(
+    acc,
+    m_i,
+    l_i,
+    q,
+    # the branch's local K/V of one kv head: key j at k_ptr + j * stride_kt
+    k_ptr,
+    v_ptr,
+    stride_kt,
+    stride_vt,
+    mask_rows,  # [BLOCK_M] pointers to each row's packed mask words (HAS_TREE_MASK)
+    t,  # [BLOCK_M] each row's token index in the branch
+    row_valid,
+    last_t,  # the last token index of this tile of rows
+    seq_len,
+    causal,
+    window_left,
+    qk_scale,
+    HAS_TREE_MASK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """`attend_range` over a branch's own T keys (causal, a packed tree mask, or all; a window)."""
+    row_min_key = tl.where(window_left >= 0, t - window_left, -NO_KEY_BOUND)
+    row_max_key = tl.where(row_valid, tl.where(causal != 0, t, seq_len - 1), -1)
+    # causal: no key past this tile's last token
+    key_hi = tl.where(causal != 0, last_t + 1, seq_len)
+    return attend_range(
+        acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_vt,
+        0, key_hi, seq_len, qk_scale, row_min_key, row_max_key, mask_rows,
+        MASKED=True, HAS_TREE_MASK=HAS_TREE_MASK,
+        BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+    )  # fmt: skip
+
+
+@triton.jit
 def finish_state(acc, m_i, l_i):
     """Running state -> (o [BLOCK_M, D] f32, lse [BLOCK_M] f32); rows with l = 0 give (0, -inf)."""
     seen = l_i > 0
@@ -144,6 +181,7 @@ def merge_states(
     stride_state_lse,
     row_valid,
     STATES_PER_STEP: tl.constexpr,
+    CACHE: tl.constexpr = "",
 ):
     """Fold finished states into the running state (acc, m_i, l_i); return the final (o, lse).
 
@@ -152,13 +190,15 @@ def merge_states(
     whole unroll would hold every state's tile in registers), so the merge costs about
     1 + num_states / STATES_PER_STEP memory round trips. A state's `o` is only read where its
     weight is nonzero, so an empty state (lse = -inf) may hold anything in `o` (idle KV splits
-    leave it unwritten).
+    leave it unwritten). CACHE: the loads' cache modifier (".cg": states that other programs of
+    the same launch wrote, read through L2).
     """
     states = tl.arange(0, _STATE_TILE)
     lse_s = tl.load(
         state_lse[:, None] + states[None, :] * stride_state_lse,
         mask=row_valid[:, None] & (states < num_states)[None, :],
         other=float("-inf"),
+        cache_modifier=CACHE,
     )
     m = tl.maximum(m_i, tl.max(lse_s, 1))
     m_shift = tl.where(m == float("-inf"), 0.0, m)
@@ -174,10 +214,14 @@ def merge_states(
                 state_lse + (first + i) * stride_state_lse,
                 mask=tl.where(first + i < num_states, row_valid, False),
                 other=float("-inf"),
+                cache_modifier=CACHE,
             )
             w_s = tl.exp2(lse_i - m_shift)
             o_s = tl.load(
-                state_o + (first + i) * stride_state_o, mask=(w_s > 0)[:, None], other=0.0
+                state_o + (first + i) * stride_state_o,
+                mask=(w_s > 0)[:, None],
+                other=0.0,
+                cache_modifier=CACHE,
             )
             acc += w_s[:, None] * o_s.to(tl.float32)
     return finish_state(acc, m_shift, l_i)
@@ -223,6 +267,23 @@ def _num_sms(device: torch.device) -> int:
 def min_split_keys(device: torch.device) -> int:
     """Fewest prefix keys worth a split of their own (each split costs a partial state round trip)."""
     return 128 if device.type == "cuda" else 16
+
+
+_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+
+
+def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
+    """>= `count` int32 counters on `device`, zero between launches: a kernel whose last program
+    to arrive finishes the work (an atomic counter per output tile) sets its counter back to 0.
+
+    One buffer per device, allocated once and kept (a captured graph replays with it; allocate it
+    outside capture: the warm-up does). Such kernels must not run at the same time on two streams
+    of one device."""
+    counters = _ARRIVALS.get(device)
+    if counters is None or counters.numel() < count:
+        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+        _ARRIVALS[device] = counters
+    return counters
 
 
 def rows_bucket(num_rows: int) -> int:

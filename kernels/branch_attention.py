@@ -32,8 +32,7 @@ import triton.language as tl
 
 from kernels._attention import (
     LOG2E,
-    NO_KEY_BOUND,
-    attend_range,
+    attend_local,
     attention_ref,
     call_op,
     check_head_dim,
@@ -130,23 +129,18 @@ def _branch_kernel(
             mask=row_valid[:, None],
             other=0.0,
         )
-        row_min_key = tl.where(window_left >= 0, t - window_left, -NO_KEY_BOUND)
-        row_max_key = tl.where(row_valid, tl.where(causal != 0, t, seq_len - 1), -1)
-        # causal: no key past this tile's last token
         last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // group, seq_len - 1)
-        key_hi = tl.where(causal != 0, last_t + 1, seq_len)
         if HAS_MASK:
             mask_rows = mask_ptr + branch * stride_mb + t * stride_mt
         else:
             mask_rows = None
-        acc, m_i, l_i = attend_range(
+        acc, m_i, l_i = attend_local(
             acc, m_i, l_i, q,
             k_ptr + branch * stride_kb + kv_head * stride_kh,
             v_ptr + branch * stride_vb + kv_head * stride_vh,
-            stride_kt, stride_vt,
-            0, key_hi, seq_len, qk_scale, row_min_key, row_max_key, mask_rows,
-            MASKED=True, HAS_TREE_MASK=HAS_MASK,
-            BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+            stride_kt, stride_vt, mask_rows, t, row_valid, last_t, seq_len, causal, window_left,
+            qk_scale,
+            HAS_TREE_MASK=HAS_MASK, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
         )  # fmt: skip
 
     state_o = state_o_ptr + (branch * stride_so_b + t * stride_so_t + head * stride_so_h)[:, None]

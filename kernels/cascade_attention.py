@@ -1,4 +1,5 @@
-"""Cascade attention: one layer's whole attention for B branches over a shared prefix, two launches.
+"""Cascade attention: one layer's whole attention for B branches over a shared prefix, in two
+launches, or one for a single branch.
 
 Math: query (b, t) at position `cache_len + t` attends the shared prefix keys j < cache_len (at j;
 all in the past) and its own branch's local keys j < T (at `cache_len + j`; causal: j <= t, or a
@@ -23,8 +24,12 @@ Design (why two launches):
    states of its rows in registers, writing the final o in q.dtype.
 The local part cannot join launch 1 without either a third (merge) launch or a cross-CTA
 reduction; in launch 2 it costs one extra K/V tile per program on top of the merge it must do
-anyway, so two launches is the minimum without atomics, and at short prefixes (latency-bound)
-both launches are small. Long prefixes are compute-bound in launch 1 (tl.dot tiles up to 128x128,
+anyway, so two launches is the minimum without atomics. With ONE branch (B = 1: the AR step, a
+tree-layout verify, prefill chunks, a draft) launch 1 does it all: split 0 also attends the local
+keys (a row tile then holds one branch's tokens only), and the last split of each (row tile, kv
+head) to finish, found by an atomic arrival counter, merges the S states and writes o and lse. A
+graphed decode step is launch-bound (SmolLM2: ~3.6 us per launch, 30 layers), so this saves a
+launch per layer. Long prefixes are compute-bound in launch 1 (tl.dot tiles up to 128x128,
 autotuned per head_dim/group/splits); the partial states are L2-sized (S x B*T x Hq x D x 4 bytes).
 """
 
@@ -64,6 +69,12 @@ def _cascade_attention_impl(
     )
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
+    if batch == 1:  # one branch (AR step, tree verify, prefill, a draft): one launch
+        launch_prefix_split(
+            q, k_cache, v_cache, cache_len, part_o, part_lse, sm_scale, window_left,
+            store_empty_o=False, local=(k_local, v_local, mask, causal), out=(o, lse),
+        )  # fmt: skip
+        return o, lse
     launch_prefix_split(
         q, k_cache, v_cache, cache_len, part_o, part_lse, sm_scale, window_left,
         store_empty_o=False,

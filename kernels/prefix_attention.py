@@ -33,6 +33,8 @@ import triton.language as tl
 from kernels._attention import (
     LOG2E,
     NO_KEY_BOUND,
+    arrival_counters,
+    attend_local,
     attend_range,
     attention_ref,
     call_op,
@@ -41,6 +43,7 @@ from kernels._attention import (
     dot_precision,
     finish_state,
     interpreting,
+    merge_states,
     min_split_keys,
     num_kv_splits,
     rows_bucket,
@@ -54,6 +57,7 @@ from kernels._attention import (
         "num_rows", "seq_len", "group", "max_len", "num_splits", "split_min_keys",
         "stride_ls", "stride_lb", "stride_lt", "stride_lh",
         "window_left", "store_empty_o", "rows_bucket",
+        "stride_mt", "stride_lse_t", "stride_lse_h", "causal",
     ]
 )  # fmt: skip
 def _prefix_split_kernel(
@@ -64,6 +68,13 @@ def _prefix_split_kernel(
     cache_len_ptr,
     part_o_ptr,
     part_lse_ptr,
+    # FUSED only (B = 1): the branch's local keys, its tree mask, the outputs, arrival counters
+    k_local_ptr,
+    v_local_ptr,
+    mask_ptr,
+    o_ptr,
+    lse_ptr,
+    arrivals_ptr,
     # sizes
     num_rows,
     seq_len,
@@ -87,15 +98,27 @@ def _prefix_split_kernel(
     stride_lb,
     stride_lt,
     stride_lh,
+    stride_lkt,
+    stride_lkh,
+    stride_lvt,
+    stride_lvh,
+    stride_mt,
+    stride_o_t,
+    stride_o_h,
+    stride_lse_t,
+    stride_lse_h,
     # meta
     qk_scale,
     window_left,
     store_empty_o,
+    causal,
     rows_bucket,  # autotuning key only (rows_bucket() of num_rows)
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FUSED: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
@@ -127,9 +150,14 @@ def _prefix_split_kernel(
     row_min_key = tl.where(windowed, prefix_len + t - window_left, -NO_KEY_BOUND)
     row_max_key = tl.where(row_valid, NO_KEY_BOUND, -1)
 
+    # FUSED: split 0 also attends the local keys, so it needs q even without prefix keys
+    if FUSED:
+        local_here = split == 0
+    else:
+        local_here = False
     q = tl.load(
         q_ptr + (batch * stride_qb + t * stride_qt + head * stride_qh)[:, None] + offs_d[None, :],
-        mask=(rows < tl.where(has_keys, num_rows, 0))[:, None],
+        mask=(rows < tl.where(has_keys | local_here, num_rows, 0))[:, None],
         other=0.0,
     )
     k_head = k_ptr + kv_head * stride_kh
@@ -158,16 +186,60 @@ def _prefix_split_kernel(
         MASKED=True, HAS_TREE_MASK=False,
         BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
     )  # fmt: skip
+    # two ifs: the outer one is compile-time, so without FUSED the local code is never compiled
+    if FUSED:  # noqa: SIM102
+        if split == 0:
+            last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // group, seq_len - 1)
+            if HAS_MASK:
+                mask_rows = mask_ptr + t * stride_mt
+            else:
+                mask_rows = None
+            acc, m_i, l_i = attend_local(
+                acc, m_i, l_i, q,
+                k_local_ptr + kv_head * stride_lkh, v_local_ptr + kv_head * stride_lvh,
+                stride_lkt, stride_lvt, mask_rows, t, row_valid, last_t, seq_len, causal,
+                window_left, qk_scale,
+                HAS_TREE_MASK=HAS_MASK, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                DOT_PRECISION=DOT_PRECISION,
+            )  # fmt: skip
     o, lse = finish_state(acc, m_i, l_i)
 
-    o_rows = split * stride_os + batch * stride_ob + t * stride_ot + head * stride_oh
+    part_rows = batch * stride_ob + t * stride_ot + head * stride_oh
     tl.store(
-        part_o_ptr + o_rows[:, None] + offs_d[None, :],
+        part_o_ptr + split * stride_os + part_rows[:, None] + offs_d[None, :],
         o,
-        mask=(rows < tl.where(has_keys | (store_empty_o != 0), num_rows, 0))[:, None],
+        mask=(rows < tl.where(has_keys | local_here | (store_empty_o != 0), num_rows, 0))[:, None],
     )
-    lse_rows = split * stride_ls + batch * stride_lb + t * stride_lt + head * stride_lh
-    tl.store(part_lse_ptr + lse_rows, lse, mask=row_valid)
+    lse_rows = batch * stride_lb + t * stride_lt + head * stride_lh
+    tl.store(part_lse_ptr + split * stride_ls + lse_rows, lse, mask=row_valid)
+
+    if FUSED:
+        # The last split of this (row tile, kv head) to finish merges the S states: one launch
+        # instead of two (a graphed decode step is launch-bound). The barrier orders every
+        # thread's stores before the atomic's release; the atomic is acq_rel at GPU scope.
+        tl.debug_barrier()
+        counter = arrivals_ptr + pid_m * tl.num_programs(2) + kv_head
+        if tl.atomic_add(counter, 1) == num_splits - 1:
+            tl.store(counter, 0)  # ready for the next launch (graph replays)
+            o, lse = merge_states(
+                tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32),
+                tl.full([BLOCK_M], float("-inf"), dtype=tl.float32),
+                tl.zeros([BLOCK_M], dtype=tl.float32),
+                part_o_ptr + part_rows[:, None] + offs_d[None, :],
+                part_lse_ptr + lse_rows,
+                num_splits,
+                stride_os,
+                stride_ls,
+                row_valid,
+                STATES_PER_STEP=(64 + BLOCK_M - 1) // BLOCK_M,
+                CACHE=".cg",
+            )
+            tl.store(
+                o_ptr + (t * stride_o_t + head * stride_o_h)[:, None] + offs_d[None, :],
+                o.to(o_ptr.dtype.element_ty),
+                mask=row_valid[:, None],
+            )
+            tl.store(lse_ptr + t * stride_lse_t + head * stride_lse_h, lse, mask=row_valid)
 
 
 def _configs() -> list[triton.Config]:
@@ -191,7 +263,7 @@ def _configs() -> list[triton.Config]:
 # for all, 2026-11-29: B=5 T=16 took 24.8 us at L=2048 where B=9 T=16 took 21.6); not on the prefix
 # length, which changes every step.
 _prefix_split = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "group", "num_splits", "rows_bucket"]
+    configs=_configs(), key=["HEAD_DIM", "group", "num_splits", "rows_bucket", "FUSED"]
 )(_prefix_split_kernel)
 
 
@@ -240,8 +312,14 @@ def launch_prefix_split(
     window_left: int,
     *,
     store_empty_o: bool,
+    local: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, bool] | None = None,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
-    """Launch the split pass into part_o [S, B, T, Hq, D] / part_lse [S, B, T, Hq] (S = splits)."""
+    """Launch the split pass into part_o [S, B, T, Hq, D] / part_lse [S, B, T, Hq] (S = splits).
+
+    With `local` = (k_local, v_local [1, T, Hkv, D], mask [T, W] | None, causal) and `out` =
+    (o [1, T, Hq, D], lse [1, T, Hq]) (B = 1 only), the same launch also attends the local keys
+    and merges every state into o / lse: the whole cascade in one launch."""
     batch, seq, num_q_heads, head_dim = q.shape
     max_len, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -249,17 +327,32 @@ def launch_prefix_split(
     num_splits = part_o.shape[0]
     if num_rows == 0:
         return
+    fused = local is not None
+    if fused:
+        assert batch == 1 and out is not None, "the fused cascade takes one branch and its outputs"
+        k_local, v_local, mask, causal = local
+        o, lse = out
+        arrivals = arrival_counters(q.device, triton.cdiv(num_rows, 16) * num_kv_heads)
+        local_args = (k_local, v_local, mask, o, lse, arrivals)
+        local_strides = (*k_local.stride()[1:3], *v_local.stride()[1:3])
+        local_strides += (mask.stride(-2) if mask is not None else 0, *o.stride()[1:3])
+        local_strides += tuple(lse.stride()[1:3])
+    else:
+        causal, mask = False, None
+        local_args = (part_o,) * 6  # never read
+        local_strides = (0,) * 9
 
     def grid(meta):
         return (triton.cdiv(num_rows, meta["BLOCK_M"]), num_splits, num_kv_heads)
 
     _prefix_split[grid](
-        q, k_cache, v_cache, cache_len, part_o, part_lse,
+        q, k_cache, v_cache, cache_len, part_o, part_lse, *local_args,
         num_rows, seq, group, max_len, num_splits, min_split_keys(q.device),
         *q.stride()[:3], *k_cache.stride()[:2], *v_cache.stride()[:2],
-        *part_o.stride()[:4], *part_lse.stride(),
-        sm_scale * LOG2E, window_left, int(store_empty_o), rows_bucket(num_rows),
+        *part_o.stride()[:4], *part_lse.stride(), *local_strides,
+        sm_scale * LOG2E, window_left, int(store_empty_o), int(causal), rows_bucket(num_rows),
         HEAD_DIM=head_dim, DOT_PRECISION=dot_precision(q.dtype),
+        FUSED=fused, HAS_MASK=mask is not None,
     )  # fmt: skip
 
 

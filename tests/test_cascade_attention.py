@@ -66,6 +66,11 @@ CASES = [
         torch.float32,
     ),  # window 8 < T: late rows lose the prefix
     (2, 16, 2, 1, 64, 70, 90, "bidir", 40, LOW),  # window edge inside the prefix, bidirectional
+    # one branch: the one-launch path (split 0 attends the local keys, the last split merges)
+    (1, 5, 4, 2, 64, 0, 40, "causal", -1, torch.float32),  # empty prefix: local keys only
+    (1, 33, 6, 3, 64, 90, 100, "causal", -1, torch.float32),  # 4 splits, 3 row tiles
+    (1, 16, 8, 1, 64, 45, 100, "tree", -1, LOW),  # tree verify layout: mask [T, W], masked row
+    (1, 16, 3, 1, 128, 70, 100, "bidir", 40, LOW),  # a draft: bidirectional, window in prefix
 ]
 
 
@@ -92,12 +97,18 @@ def test_cascade_equals_prefix_then_branch():
     assert_lse_close(lse, lse2)
 
 
-def test_cascade_attention_follows_device_cache_len():
-    # one set of buffers, several lengths written on the device (what a decode loop does)
-    p = make_problem(2, 5, 2, 1, 64, 50, torch.float32, max_len=50)
-    for length in (50, 0, 1, 33):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_cascade_attention_follows_device_cache_len(batch):
+    # one set of buffers, several lengths written on the device (what a decode loop does); with
+    # one branch every launch also leaves its arrival counters zeroed for the next
+    from kernels._attention import _ARRIVALS
+
+    p = make_problem(batch, 5, 2, 1, 64, 100, torch.float32, max_len=100)
+    for length in (50, 0, 1, 33, 100):
         p.cache_len.fill_(length)
         _check(p, "causal", -1, torch.float32)
+        if batch == 1:
+            assert not _ARRIVALS[p.q.device].any()
 
 
 def test_cascade_attention_opcheck():
@@ -120,7 +131,14 @@ GPU_HEADS = [("qwen3-8b", 32, 8, 128), ("smollm2", 9, 3, 64), ("group1", 4, 4, 6
 # one branch; the verify shape (causal and tree); 16 branches of an odd T (bidirectional drafts)
 @pytest.mark.parametrize(
     ("batch", "seq", "local"),
-    [(1, 16, "causal"), (5, 16, "causal"), (5, 16, "tree_b"), (16, 33, "bidir")],
+    [
+        (1, 1, "causal"),
+        (1, 16, "causal"),
+        (1, 16, "tree"),
+        (5, 16, "causal"),
+        (5, 16, "tree_b"),
+        (16, 33, "bidir"),
+    ],
 )
 def test_cascade_attention_gpu_matches_reference(heads, prefix_len, batch, seq, local):
     _, hq, hkv, head_dim = heads

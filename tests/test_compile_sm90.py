@@ -1,4 +1,5 @@
-"""The decoder-block kernels compile for the H200 (sm_90) here, without a GPU.
+"""The decoder-block kernels and the cascade's split pass compile for the H200 (sm_90) here,
+without a GPU.
 
 The interpreter runs a kernel's Python, not its compilation: a construct that Triton's compiler or
 ptxas rejects passes every CPU test and fails only on the GPU machine. Triton compiles ahead of
@@ -22,6 +23,7 @@ DTYPES = ("bf16", "fp16")
 
 def _variants():
     """(kernel, signature, constexprs, options) for every variant the launchers make."""
+    from kernels.prefix_attention import _prefix_split_kernel
     from kernels.rms_norm import _rms_norm_kernel
     from kernels.rope import _rope_qk_kernel
     from kernels.silu_mul import _silu_mul_kernel
@@ -43,6 +45,27 @@ def _variants():
             for has_norm in (False, True):
                 for has_v in (False, True):
                     yield _rope_qk_kernel, *_rope_variant(dtype, head_dim, has_norm, has_v)
+            for fused, has_mask in ((False, False), (True, False), (True, True)):
+                yield _prefix_split_kernel, *_prefix_variant(dtype, head_dim, fused, has_mask)
+
+
+def _prefix_variant(dtype: str, head_dim: int, fused: bool, has_mask: bool):
+    """The cascade's split pass; fused: the one-launch cascade of one branch (local keys, the
+    atomic arrival and the merge of the last split)."""
+    signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}"}
+    signature |= {"cache_len_ptr": "*i32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32"}
+    signature |= {"k_local_ptr": f"*{dtype}", "v_local_ptr": f"*{dtype}", "mask_ptr": "*i32"}
+    signature |= {"o_ptr": f"*{dtype}", "lse_ptr": "*fp32", "arrivals_ptr": "*i32"}
+    for name in ("num_rows", "seq_len", "group", "max_len", "num_splits", "split_min_keys"):
+        signature[name] = "i32"
+    strides = ["qb", "qt", "qh", "kn", "kh", "vn", "vh", "os", "ob", "ot", "oh", "ls", "lb"]
+    strides += ["lt", "lh", "lkt", "lkh", "lvt", "lvh", "mt", "o_t", "o_h", "lse_t", "lse_h"]
+    signature |= {f"stride_{name}": "i64" for name in strides}
+    signature |= {"qk_scale": "fp32", "window_left": "i32", "store_empty_o": "i32"}
+    signature |= {"causal": "i32", "rows_bucket": "i32"}
+    const = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
+    const |= {"FUSED": fused, "HAS_MASK": has_mask}
+    return signature, const, {"num_warps": 4, "num_stages": 3}
 
 
 def _rope_variant(dtype: str, head_dim: int, has_norm: bool, has_v: bool):
@@ -83,7 +106,7 @@ def test_decoder_block_kernels_compile_for_sm90() -> None:
         [sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ok ") == len(DTYPES) * (6 + 1 + 8), proc.stdout
+    assert proc.stdout.count("ok ") == len(DTYPES) * (6 + 1 + 8 + 6), proc.stdout
 
 
 if __name__ == "__main__":

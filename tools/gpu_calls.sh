@@ -19,6 +19,10 @@
 #   call s2 carry [".device-gb"]            d2sd.run per backend on the real target, with the shipped
 #                                           drafters (GPU0) || the real-target pytest, all 3 backends
 #                                           (GPU1)
+#   call s3 carry [".device", ".device-ga"] the attention, sampler, rope and layer GPU tests (GPU0) ||
+#                                           bench.accept_chunks and the 8B cycle (GPU1)
+#   call s4 carry [".device-gb"]            d2sd.run (triton) then the system GPU tests (GPU0) ||
+#                                           the real-target pytest (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -35,7 +39,7 @@
 # (~2 min each); its full 60-shape run then takes ~140 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2}
+call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4}
 out=${OUT:-gpu-out}
 work="$out/w"
 mkdir -p "$work" /root/stash
@@ -115,8 +119,27 @@ case "$call" in
       -p no:cacheprovider -k smollm2 tests/ &
     wait
     ;;
+  s3)
+    cp .device-ga/part_a /root/stash/
+    run_on 0 280 gpu0-kernel-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_cascade_attention.py tests/test_prefix_attention.py tests/test_branch_attention.py \
+      tests/test_accept.py tests/test_rope.py tests/test_layers.py &
+    (run_on 1 120 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work"
+      run_on 1 200 gpu1-cycle8b.log python3 -m bench.cycle_8b --backends triton --profile ar \
+        --out-dir "$work") &
+    wait
+    ;;
+  s4)
+    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+    (D2SD_DEFAULT_GGUF=$gguf run_on 0 150 gpu0-run-triton.log python3 -m d2sd.run --backend triton \
+        --json "$work/run-triton.json"
+      run_on 0 330 gpu0-system.log tools/gpu_suite.sh system) &
+    D2SD_DEFAULT_GGUF=$gguf run_on 1 300 gpu1-e2e-tests.log python3 -m pytest -m gpu -q \
+      -p no:cacheprovider -k smollm2 tests/ &
+    wait
+    ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1 or s2)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s4)" >&2
     exit 2
     ;;
 esac

@@ -42,7 +42,7 @@ from torch import nn
 from d2sd.attention import AttentionBackend, get_backend
 from d2sd.errors import D2SDError
 from d2sd.models.cache import Cache
-from d2sd.models.layers import Rope, decoder_layer, project_kv
+from d2sd.models.layers import Rope, apply_norm, decoder_layer, project_kv
 from d2sd.models.spec import BlockSpec
 
 CONFIG_NAME = "config.json"
@@ -417,7 +417,7 @@ class DFlashDrafter(nn.Module):
 
     def project_context(self, ctx_hidden: torch.Tensor) -> torch.Tensor:
         """Target taps [..., n_taps * H] -> the drafter's context hidden [..., H] (fc, hidden_norm)."""
-        return self.hidden_norm(self.fc(ctx_hidden))
+        return apply_norm(self.hidden_norm, self.fc(ctx_hidden), self.config.block)
 
     def extend_context(
         self,
@@ -510,7 +510,7 @@ class DFlashDrafter(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V] float32 (final norm, then the target's lm_head)."""
-        return self._lm_head(self.norm(hidden)).float()
+        return self._lm_head(apply_norm(self.norm, hidden, self.config.block)).float()
 
 
 def _validate(config: DFlashConfig, target) -> None:

@@ -61,7 +61,10 @@ class Rope(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
-        return freqs.cos() * self.attention_scaling, freqs.sin() * self.attention_scaling
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_scaling == 1.0:  # two launches fewer per decode step
+            return cos, sin
+        return cos * self.attention_scaling, sin * self.attention_scaling
 
 
 def project_kv(
@@ -168,6 +171,15 @@ def fused_decoder_layer(
     # h is this block's own fresh sum: the GEMM accumulates into it (one launch, no add)
     rows = h.view(-1, h.shape[-1])
     return rows.addmm_(act.view(-1, act.shape[-1]), mlp.down_proj.weight.t()).view(h.shape)
+
+
+def apply_norm(norm: nn.Module, x: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
+    """HF RMSNorm module `norm` applied to x [..., H]: one `rms_norm` launch where the blocks run
+    fused (inference, dense families: the kernel is HF's forward op for op, which takes ~6
+    launches), else the module itself."""
+    if spec.fused_block and not torch.is_grad_enabled() and hasattr(norm, "variance_epsilon"):
+        return ops.kernel_or_reference("rms_norm", x.device)(x, norm.weight, norm.variance_epsilon)
+    return norm(x)
 
 
 def fused_linear(

@@ -31,7 +31,7 @@ from torch import nn
 
 from d2sd.attention import AttentionBackend, get_backend
 from d2sd.models.cache import Cache
-from d2sd.models.layers import Rope, decoder_layer
+from d2sd.models.layers import Rope, apply_norm, decoder_layer
 from d2sd.models.spec import ModelSpec
 
 LN2 = math.log(2.0)
@@ -192,7 +192,7 @@ class TargetModel(nn.Module):
             x = decoder_layer(layer, x, cos, sin, attend, block, kv_out)
             if index in tap_ids and index != last:
                 tapped[index] = x
-        x = self.hf.model.norm(x)
+        x = apply_norm(self.hf.model.norm, x, block)
         if last in tap_ids:
             tapped[last] = x
         logits = self.lm_head(x).float()
