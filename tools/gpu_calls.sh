@@ -121,6 +121,7 @@ case "$call" in
     ;;
   s3)
     cp .device-ga/part_a /root/stash/
+    python3 tools/flashinfer_warm.py > "$work/flashinfer-warm.log" 2>&1 &
     run_on 0 280 gpu0-kernel-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_cascade_attention.py tests/test_prefix_attention.py tests/test_branch_attention.py \
       tests/test_accept.py tests/test_rope.py tests/test_layers.py &
