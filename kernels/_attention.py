@@ -181,7 +181,7 @@ def merge_states(
     stride_state_lse,
     row_valid,
     STATES_PER_STEP: tl.constexpr,
-    CACHE: tl.constexpr = "",
+    CACHE: tl.constexpr,
 ):
     """Fold finished states into the running state (acc, m_i, l_i); return the final (o, lse).
 

@@ -148,7 +148,7 @@ def _branch_kernel(
     o, lse = merge_states(
         acc, m_i, l_i, state_o + offs_d[None, :], state_lse, num_states,
         stride_so_s, stride_sl_s, row_valid,
-        STATES_PER_STEP=(64 + BLOCK_M - 1) // BLOCK_M,
+        STATES_PER_STEP=(64 + BLOCK_M - 1) // BLOCK_M, CACHE="",
     )  # fmt: skip
 
     o_rows = branch * stride_ob + t * stride_ot + head * stride_oh

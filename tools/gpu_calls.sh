@@ -20,9 +20,9 @@
 #                                           drafters (GPU0) || the real-target pytest, all 3 backends
 #                                           (GPU1)
 #   call s3 carry [".device", ".device-ga"] the attention, sampler, rope and layer GPU tests (GPU0) ||
-#                                           bench.accept_chunks and the 8B cycle (GPU1)
-#   call s4 carry [".device-gb"]            d2sd.run (triton) then the system GPU tests (GPU0) ||
-#                                           the real-target pytest (GPU1)
+#                                           bench.accept_chunks (GPU1)
+#   call s4 carry [".device-gb"]            d2sd.run (triton), then the system GPU tests split over
+#                                           both GPUs, beside the real-target pytest (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -125,18 +125,20 @@ case "$call" in
     run_on 0 280 gpu0-kernel-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_cascade_attention.py tests/test_prefix_attention.py tests/test_branch_attention.py \
       tests/test_accept.py tests/test_rope.py tests/test_layers.py &
-    (run_on 1 120 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work"
-      run_on 1 200 gpu1-cycle8b.log python3 -m bench.cycle_8b --backends triton --profile ar \
-        --out-dir "$work") &
+    run_on 1 150 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work" &
     wait
     ;;
   s4)
     bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
-    (D2SD_DEFAULT_GGUF=$gguf run_on 0 150 gpu0-run-triton.log python3 -m d2sd.run --backend triton \
+    (D2SD_DEFAULT_GGUF=$gguf run_on 0 100 gpu0-run-triton.log python3 -m d2sd.run --backend triton \
         --json "$work/run-triton.json"
-      run_on 0 330 gpu0-system.log tools/gpu_suite.sh system) &
-    D2SD_DEFAULT_GGUF=$gguf run_on 1 300 gpu1-e2e-tests.log python3 -m pytest -m gpu -q \
-      -p no:cacheprovider -k smollm2 tests/ &
+      run_on 0 190 gpu0-system.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+        tests/test_graphs.py tests/test_generate.py tests/test_lossless.py -k "not smollm2") &
+    (D2SD_DEFAULT_GGUF=$gguf run_on 1 170 gpu1-e2e-tests.log python3 -m pytest -m gpu -q \
+        -p no:cacheprovider -k smollm2 tests/
+      run_on 1 120 gpu1-system.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+        tests/test_models.py tests/test_drafter.py tests/test_attention_backends.py \
+        tests/test_layers.py tests/test_run_cli.py) &
     wait
     ;;
   *)
