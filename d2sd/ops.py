@@ -21,6 +21,7 @@ __all__ = [
     "accept",
     "commit",
     "cpu_kernels",
+    "emit",
     "kernel_or_reference",
     "sample_tokens",
     "topk_confidence",
@@ -126,3 +127,17 @@ def commit(
     """
     fn = kernel_or_reference("commit", k_local.device)
     fn(k_local, v_local, k_cache, v_cache, rows, cache_len, num_new, hidden_src, hidden_dst)
+
+
+def emit(
+    tokens: torch.Tensor,
+    num_new: torch.Tensor,
+    out_tokens: torch.Tensor,
+    out_len: torch.Tensor,
+    cycle: torch.Tensor,
+    report: torch.Tensor,
+) -> None:
+    """Append tokens [L] at out_len in out_tokens, advance out_len by num_new and cycle by one,
+    and write [num_new, tokens...] into report (all on the device; see kernels.emit)."""
+    fn = kernel_or_reference("emit", tokens.device)
+    fn(tokens, num_new, out_tokens, out_len, cycle, report)

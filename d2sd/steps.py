@@ -122,6 +122,20 @@ class Verified:
     row_of: torch.Tensor | None  # int32 [B, T] for the tree; None: row b * T + t
 
 
+_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _int32_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """int32 [1] tensors 0 and 1 on `device`, made once (a graph's warm-up makes them eagerly), so
+    that a step does not spend two fill launches on them."""
+    if device not in _CONSTANTS:
+        _CONSTANTS[device] = (
+            torch.zeros(1, dtype=torch.int32, device=device),
+            torch.ones(1, dtype=torch.int32, device=device),
+        )
+    return _CONSTANTS[device]
+
+
 def _positions(cache_len: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Absolute positions `cache_len + offsets` (int64, shape of `offsets`)."""
     return cache_len.to(torch.int64) + offsets
@@ -316,21 +330,15 @@ def commit(verified: Verified, accepted: Any, state: LoopState) -> None:
 def _emit(state: LoopState, tokens: torch.Tensor, num_new: torch.Tensor) -> None:
     """Append tokens[:num_new] at out_len (all of `tokens` is written; the tail is scratch that the
     next cycle overwrites), advance out_len and the cycle, and fill the host report."""
-    length = tokens.shape[0]
-    offsets = torch.arange(length, device=tokens.device)
-    state.out_tokens.index_copy_(0, state.out_len.to(torch.int64) + offsets, tokens)
-    state.out_len.add_(num_new)
-    state.cycle.add_(1)
-    state.report[:1].copy_(num_new)
-    state.report[1 : 1 + length].copy_(tokens)
+    ops.emit(tokens, num_new, state.out_tokens, state.out_len, state.cycle, state.report)
 
 
 def ar_step(target: Any, sampling: Sampling, state: LoopState) -> None:
     """One autoregressive token: the target reads the anchor at position cache_len, samples the next
     token with this step's uniform, commits the anchor's K/V and emits the sample."""
     cache = state.target_cache
-    positions = cache.cache_len.to(torch.int64).view(1, 1)
-    logits, _ = target.forward(state.anchor.view(1, 1), positions, cache, causal=True)
+    # int32 positions: RoPE promotes them in its one multiply (no conversion launch)
+    logits, _ = target.forward(state.anchor.view(1, 1), cache.cache_len.view(1, 1), cache)
     uniforms = None if sampling.greedy else _current_row(state.uniforms, state.cycle)[:1]
     token = ops.sample_tokens(
         logits.reshape(1, -1),
@@ -339,15 +347,9 @@ def ar_step(target: Any, sampling: Sampling, state: LoopState) -> None:
         top_k=sampling.top_k,
         top_p=sampling.top_p,
     )
-    one = torch.ones(1, dtype=torch.int32, device=token.device)
+    zero, one = _int32_constants(token.device)
     ops.commit(
-        cache.k_local,
-        cache.v_local,
-        cache.k_cache,
-        cache.v_cache,
-        torch.zeros(1, dtype=torch.int32, device=token.device),
-        cache.cache_len,
-        one,
+        cache.k_local, cache.v_local, cache.k_cache, cache.v_cache, zero, cache.cache_len, one
     )
     _emit(state, token, one)
     state.anchor.copy_(token)

@@ -10,6 +10,7 @@ from kernels.accept import Accept, accept, accept_ref, sample_tokens, sample_tok
 from kernels.branch_attention import branch_attention, branch_attention_ref
 from kernels.cascade_attention import cascade_attention, cascade_attention_ref
 from kernels.commit import commit, commit_ref
+from kernels.emit import emit, emit_ref
 from kernels.lse_merge import lse_merge, lse_merge_, lse_merge_ref
 from kernels.prefix_attention import prefix_attention, prefix_attention_ref
 from kernels.rms_norm import rms_norm, rms_norm_ref
@@ -29,6 +30,8 @@ __all__ = [
     "cascade_attention_ref",
     "commit",
     "commit_ref",
+    "emit",
+    "emit_ref",
     "lse_merge",
     "lse_merge_",
     "lse_merge_ref",

@@ -60,7 +60,9 @@ class Rope(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)
+        # integer positions (int32 or int64) times float32 frequencies promote to float32 in the
+        # multiply itself (exact up to 2^24; one launch, no conversion)
+        freqs = positions[..., None] * self.inv_freq.to(positions.device)
         cos, sin = freqs.cos(), freqs.sin()
         if self.attention_scaling == 1.0:  # two launches fewer per decode step
             return cos, sin

@@ -149,10 +149,10 @@ class TargetModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run new tokens against the committed prefix; no cache write, no host sync.
 
-        input_ids, positions: [B, T] int64 (positions absolute; query (b, t) is at cache_len + t
-        for causality/windows, `positions` only drive RoPE). mask: int32 [T, W] or [B, T, W] bit
-        mask over the branch's own tokens (pass causal=False with it). taps: layer ids to tap
-        (default `self.tap_layer_ids`).
+        input_ids [B, T] int64, positions [B, T] int32 or int64 (absolute; query (b, t) is at
+        cache_len + t for causality/windows, `positions` only drive RoPE). mask: int32 [T, W] or
+        [B, T, W] bit mask over the branch's own tokens (pass causal=False with it). taps: layer
+        ids to tap (default `self.tap_layer_ids`).
         Returns logits [B, T, V] float32 and taps [B, T, len(taps) * H] (model dtype; [B, T, 0]
         without taps). Side effect: cache.k_local / v_local rows [0, B * T) hold this step's K/V.
         """
