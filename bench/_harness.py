@@ -6,10 +6,12 @@ runs them all, prints one table per kernel and writes `bench/results/kernels-<gp
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
 import platform
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -173,3 +175,15 @@ def write_results(name: str, results: dict, out_dir: str | os.PathLike | None = 
     path = out / f"{name}-{gpu}-{env['date'][:10]}.json"
     path.write_text(json.dumps({"env": env, **results}, indent=1) + "\n")
     return path
+
+
+def cuda_sweep_args(name: str, doc: str, argv: Sequence[str] | None) -> argparse.Namespace | None:
+    """The command line of a CUDA-only sweep script (`--out-dir`), or None (after one line on
+    stderr) when there is no GPU: the caller then exits with code 2."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--out-dir", default=None, help="JSON folder (default: bench/results)")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"{name}: needs a CUDA GPU", file=sys.stderr)
+        return None
+    return args

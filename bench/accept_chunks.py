@@ -15,7 +15,6 @@ depend on V only), so any row here is a lossless choice.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import sys
 from collections.abc import Sequence
@@ -26,7 +25,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import print_table, time_us, write_results
+from bench._harness import cuda_sweep_args, print_table, time_us, write_results
 from bench.bench_accept import NUM_BRANCHES
 
 # the module (the package binds kernels.accept to the launcher of the same name)
@@ -92,11 +91,8 @@ def sweep() -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", default=None, help="JSON folder (default: bench/results)")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("accept_chunks: needs a CUDA GPU", file=sys.stderr)
+    args = cuda_sweep_args("accept_chunks", __doc__, argv)
+    if args is None:
         return 2
     rows = sweep()
     print_table("accept per vocabulary chunking (bf16, B = 5, CUDA graph)", rows, COLUMNS)

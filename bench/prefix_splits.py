@@ -12,7 +12,6 @@ best row is what a better heuristic would save; split vs merge says which launch
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._harness import print_table, time_us, write_results
+from bench._harness import cuda_sweep_args, print_table, time_us, write_results
 from bench.bench_cascade_attention import Inputs, make_inputs
 from kernels._attention import min_split_keys
 from kernels.branch_attention import launch_branch
@@ -106,11 +105,8 @@ def best_by_shape(rows: Sequence[dict]) -> list[dict]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", default=None, help="JSON folder (default: bench/results)")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("prefix_splits: needs a CUDA GPU", file=sys.stderr)
+    args = cuda_sweep_args("prefix_splits", __doc__, argv)
+    if args is None:
         return 2
     rows = sweep()
     print_table("cascade_attention launches per KV split count (bf16, CUDA graph)", rows, COLUMNS)
