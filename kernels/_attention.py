@@ -269,7 +269,7 @@ def min_split_keys(device: torch.device) -> int:
     return 128 if device.type == "cuda" else 16
 
 
-_ARRIVALS: dict[torch.device, torch.Tensor] = {}
+_ARRIVALS: dict[torch.device, list[torch.Tensor]] = {}
 
 
 def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
@@ -277,13 +277,13 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     to arrive finishes the work (an atomic counter per output tile) sets its counter back to 0.
 
     One buffer per device, allocated once and kept (a captured graph replays with it; allocate it
-    outside capture: the warm-up does). Such kernels must not run at the same time on two streams
-    of one device."""
-    counters = _ARRIVALS.get(device)
-    if counters is None or counters.numel() < count:
-        counters = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
-        _ARRIVALS[device] = counters
-    return counters
+    outside capture: the warm-up does). A larger request allocates a larger buffer but keeps the
+    old ones alive, since graphs captured earlier still use them. Such kernels must not run at the
+    same time on two streams of one device."""
+    buffers = _ARRIVALS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < count:
+        buffers.append(torch.zeros(max(count, 4096), dtype=torch.int32, device=device))
+    return buffers[-1]
 
 
 def rows_bucket(num_rows: int) -> int:

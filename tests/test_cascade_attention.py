@@ -97,6 +97,18 @@ def test_cascade_equals_prefix_then_branch():
     assert_lse_close(lse, lse2)
 
 
+def test_arrival_counters_grow_without_freeing() -> None:
+    # graphs captured on a smaller buffer keep using it: growing must not free it
+    from kernels._attention import _ARRIVALS, arrival_counters
+
+    device = torch.device("cpu")
+    first = arrival_counters(device, 10)
+    assert first.numel() >= 10 and not first.any()
+    bigger = arrival_counters(device, first.numel() + 1)
+    assert bigger.numel() > first.numel() and arrival_counters(device, 10) is bigger
+    assert any(buffer is first for buffer in _ARRIVALS[device])
+
+
 @pytest.mark.parametrize("batch", [1, 2])
 def test_cascade_attention_follows_device_cache_len(batch):
     # one set of buffers, several lengths written on the device (what a decode loop does); with
@@ -108,7 +120,7 @@ def test_cascade_attention_follows_device_cache_len(batch):
         p.cache_len.fill_(length)
         _check(p, "causal", -1, torch.float32)
         if batch == 1:
-            assert not _ARRIVALS[p.q.device].any()
+            assert not any(buffer.any() for buffer in _ARRIVALS[p.q.device])
 
 
 def test_cascade_attention_opcheck():
