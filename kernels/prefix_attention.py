@@ -22,6 +22,9 @@ state (lse = -inf, o left unwritten) and exit. Each split runs up to three loops
 online-softmax step: masked tiles at the window's edge, unmasked full tiles, a masked tail tile.
 With one split the kernel writes the final (o, lse); with several it writes partial states
 [S, B, T, Hq, ...] that one pass of the branch kernel (with no local keys) merges.
+`FUSED` (cascade_attention of a single branch): split 0 also attends the branch's local keys, and
+the last split of each (row tile, kv head) to finish (atomic arrival counter) merges the S states
+into the final o / lse, so the whole cascade is this one launch.
 """
 
 from __future__ import annotations
