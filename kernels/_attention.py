@@ -131,15 +131,20 @@ def attend_local(
     v_ptr,
     stride_kt,
     stride_vt,
-    mask_rows,  # [BLOCK_M] pointers to each row's packed mask words (HAS_TREE_MASK)
-    t,  # [BLOCK_M] each row's token index in the branch
+    # HAS_TREE_MASK: the packed mask, token t's words at mask_ptr + mask_offset + t * stride_mt
+    mask_ptr,
+    mask_offset,
+    stride_mt,
+    t,  # [BLOCK_M] each row's token index in the branch (row = tile_first_row + i = t * group + g)
     row_valid,
-    last_t,  # the last token index of this tile of rows
+    tile_first_row,
+    group,
     seq_len,
     causal,
     window_left,
     qk_scale,
     HAS_TREE_MASK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -148,7 +153,12 @@ def attend_local(
     row_min_key = tl.where(window_left >= 0, t - window_left, -NO_KEY_BOUND)
     row_max_key = tl.where(row_valid, tl.where(causal != 0, t, seq_len - 1), -1)
     # causal: no key past this tile's last token
+    last_t = tl.minimum((tile_first_row + BLOCK_M - 1) // group, seq_len - 1)
     key_hi = tl.where(causal != 0, last_t + 1, seq_len)
+    if HAS_TREE_MASK:
+        mask_rows = mask_ptr + mask_offset + t * stride_mt
+    else:
+        mask_rows = None
     return attend_range(
         acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_vt,
         0, key_hi, seq_len, qk_scale, row_min_key, row_max_key, mask_rows,

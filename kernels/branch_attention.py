@@ -129,18 +129,14 @@ def _branch_kernel(
             mask=row_valid[:, None],
             other=0.0,
         )
-        last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // group, seq_len - 1)
-        if HAS_MASK:
-            mask_rows = mask_ptr + branch * stride_mb + t * stride_mt
-        else:
-            mask_rows = None
         acc, m_i, l_i = attend_local(
             acc, m_i, l_i, q,
             k_ptr + branch * stride_kb + kv_head * stride_kh,
             v_ptr + branch * stride_vb + kv_head * stride_vh,
-            stride_kt, stride_vt, mask_rows, t, row_valid, last_t, seq_len, causal, window_left,
-            qk_scale,
-            HAS_TREE_MASK=HAS_MASK, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
+            stride_kt, stride_vt, mask_ptr, branch * stride_mb, stride_mt, t, row_valid,
+            pid_m * BLOCK_M, group, seq_len, causal, window_left, qk_scale,
+            HAS_TREE_MASK=HAS_MASK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+            DOT_PRECISION=DOT_PRECISION,
         )  # fmt: skip
 
     state_o = state_o_ptr + (branch * stride_so_b + t * stride_so_t + head * stride_so_h)[:, None]

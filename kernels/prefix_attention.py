@@ -192,17 +192,12 @@ def _prefix_split_kernel(
     # two ifs: the outer one is compile-time, so without FUSED the local code is never compiled
     if FUSED:  # noqa: SIM102
         if split == 0:
-            last_t = tl.minimum((pid_m * BLOCK_M + BLOCK_M - 1) // group, seq_len - 1)
-            if HAS_MASK:
-                mask_rows = mask_ptr + t * stride_mt
-            else:
-                mask_rows = None
             acc, m_i, l_i = attend_local(
                 acc, m_i, l_i, q,
                 k_local_ptr + kv_head * stride_lkh, v_local_ptr + kv_head * stride_lvh,
-                stride_lkt, stride_lvt, mask_rows, t, row_valid, last_t, seq_len, causal,
-                window_left, qk_scale,
-                HAS_TREE_MASK=HAS_MASK, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+                stride_lkt, stride_lvt, mask_ptr, 0, stride_mt, t, row_valid,
+                pid_m * BLOCK_M, group, seq_len, causal, window_left, qk_scale,
+                HAS_TREE_MASK=HAS_MASK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
                 DOT_PRECISION=DOT_PRECISION,
             )  # fmt: skip
     o, lse = finish_state(acc, m_i, l_i)

@@ -214,14 +214,15 @@ def _launch(
             assert w.dtype == q.dtype, f"{name} must have q's dtype {q.dtype}, got {w.dtype}"
             assert w.device == q.device, f"{name} is on {w.device}, q on {q.device}"
     has_v = v is not None
+    values = (("v", v),) if has_v else ()
     outputs = (("k_out", k_out), ("v_out", v_out)) if has_v else (("k_out", k_out),)
-    for name, t in (("v", v) if has_v else ("k", k), *outputs):
+    for name, t in (*values, *outputs):
         assert t.shape == k.shape and t.dtype == q.dtype, (
             f"{name} must be {tuple(k.shape)} {q.dtype}, got {tuple(t.shape)} {t.dtype}"
         )
     for name, t in outputs:
         assert t.is_contiguous(), f"{name} must be contiguous, got strides {t.stride()}"
-    for name, t in (("k", k), ("cos", cos), ("sin", sin), *outputs):
+    for name, t in (("k", k), *values, ("cos", cos), ("sin", sin), *outputs):
         assert t.device == q.device, f"{name} is on {t.device}, q on {q.device}"
     q_rows, k_rows = _head_rows(q, "q"), _head_rows(k, "k")
     v_rows = _head_rows(v, "v") if has_v else k_rows

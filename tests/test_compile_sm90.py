@@ -1,4 +1,4 @@
-"""The decoder-block kernels and the cascade's split pass compile for the H200 (sm_90) here,
+"""The decoder-block kernels and the cascade's two kernels compile for the H200 (sm_90) here,
 without a GPU.
 
 The interpreter runs a kernel's Python, not its compilation: a construct that Triton's compiler or
@@ -23,6 +23,7 @@ DTYPES = ("bf16", "fp16")
 
 def _variants():
     """(kernel, signature, constexprs, options) for every variant the launchers make."""
+    from kernels.branch_attention import _branch_kernel
     from kernels.emit import _emit_kernel
     from kernels.prefix_attention import _prefix_split_kernel
     from kernels.rms_norm import _rms_norm_kernel
@@ -52,6 +53,8 @@ def _variants():
                     yield _rope_qk_kernel, *_rope_variant(dtype, head_dim, has_norm, has_v)
             for fused, has_mask in ((False, False), (True, False), (True, True)):
                 yield _prefix_split_kernel, *_prefix_variant(dtype, head_dim, fused, has_mask)
+            for has_local, has_mask in ((False, False), (True, False), (True, True)):
+                yield _branch_kernel, *_branch_variant(dtype, head_dim, has_local, has_mask)
 
 
 def _prefix_variant(dtype: str, head_dim: int, fused: bool, has_mask: bool):
@@ -71,6 +74,25 @@ def _prefix_variant(dtype: str, head_dim: int, fused: bool, has_mask: bool):
     const = {"HEAD_DIM": head_dim, "BLOCK_M": 64, "BLOCK_N": 64, "DOT_PRECISION": "tf32"}
     const |= {"FUSED": fused, "HAS_MASK": has_mask}
     return signature, const, {"num_warps": 4, "num_stages": 3}
+
+
+def _branch_variant(dtype: str, head_dim: int, has_local: bool, has_mask: bool):
+    """The cascade's second launch (local keys + merge) and prefix_attention's merge (no local);
+    without a mask the launcher passes None for it."""
+    signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}"}
+    signature["mask_ptr"] = "*i32" if has_mask else "constexpr"
+    signature |= {"state_o_ptr": "*fp32", "state_lse_ptr": "*fp32", "o_ptr": f"*{dtype}"}
+    signature |= {"lse_ptr": "*fp32", "seq_len": "i32", "group": "i32", "num_states": "i32"}
+    strides = ["qb", "qt", "qh", "kb", "kt", "kh", "vb", "vt", "vh", "mb", "mt"]
+    strides += ["so_s", "so_b", "so_t", "so_h", "sl_s", "sl_b", "sl_t", "sl_h"]
+    strides += ["ob", "ot", "oh", "lb", "lt", "lh"]
+    signature |= {f"stride_{name}": "i64" for name in strides}
+    signature |= {"qk_scale": "fp32", "window_left": "i32", "causal": "i32", "rows_bucket": "i32"}
+    const = {"HEAD_DIM": head_dim, "BLOCK_M": 32, "BLOCK_N": 32, "HAS_LOCAL": has_local}
+    const |= {"HAS_MASK": has_mask, "DOT_PRECISION": "tf32"}
+    if not has_mask:
+        const["mask_ptr"] = None
+    return signature, const, {"num_warps": 4, "num_stages": 2}
 
 
 def _rope_variant(dtype: str, head_dim: int, has_norm: bool, has_v: bool):
@@ -111,7 +133,7 @@ def test_decoder_block_kernels_compile_for_sm90() -> None:
         [sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ok ") == len(DTYPES) * (6 + 1 + 1 + 8 + 6), proc.stdout
+    assert proc.stdout.count("ok ") == len(DTYPES) * (6 + 1 + 1 + 8 + 6 + 6), proc.stdout
 
 
 if __name__ == "__main__":
