@@ -122,18 +122,20 @@ class Verified:
     row_of: torch.Tensor | None  # int32 [B, T] for the tree; None: row b * T + t
 
 
-_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+_CONSTANTS: dict[tuple[torch.device, str, int], torch.Tensor] = {}
 
 
-def _int32_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 [1] tensors 0 and 1 on `device`, made once (a graph's warm-up makes them eagerly), so
-    that a step does not spend two fill launches on them."""
-    if device not in _CONSTANTS:
-        _CONSTANTS[device] = (
-            torch.zeros(1, dtype=torch.int32, device=device),
-            torch.ones(1, dtype=torch.int32, device=device),
-        )
-    return _CONSTANTS[device]
+def _constant(device: torch.device, kind: str, size: int) -> torch.Tensor:
+    """A tensor that never changes, made once per device (a graph's warm-up makes it eagerly), so
+    that a step does not spend a launch on it: kind "arange" int64 [size] = 0 .. size-1, "full"
+    int32 [1] = size."""
+    key = (device, kind, size)
+    if key not in _CONSTANTS:
+        if kind == "arange":
+            _CONSTANTS[key] = torch.arange(size, device=device)
+        else:
+            _CONSTANTS[key] = torch.full((1,), size, dtype=torch.int32, device=device)
+    return _CONSTANTS[key]
 
 
 def _positions(cache_len: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -163,7 +165,7 @@ def draft(
     """First draft: logits [1, gamma, V] of the block [anchor, MASK x (gamma-1)] at L .. L+gamma-1."""
     block = torch.full((1, gamma), mask_token_id, dtype=torch.int64, device=anchor.device)
     block[0, :1] = anchor
-    offsets = torch.arange(gamma, device=anchor.device).view(1, gamma)
+    offsets = _constant(anchor.device, "arange", gamma).view(1, gamma)
     return drafter.forward(block, _positions(cache_len, offsets), cache)
 
 
@@ -185,7 +187,7 @@ def draft2(drafter: Any, cache: Any, selection: Selection, cache_len: torch.Tens
     by the drafter's argmax (positions 0 .. i_k keep the anchor and the first draft's tokens)."""
     vp_input_ids = selection.vp_input_ids
     num_branches, gamma2 = vp_input_ids.shape
-    offsets = torch.arange(gamma2, device=vp_input_ids.device)
+    offsets = _constant(vp_input_ids.device, "arange", gamma2)
     logits = drafter.forward(
         vp_input_ids, _positions(cache_len, offsets).expand(num_branches, gamma2), cache
     )
@@ -222,7 +224,7 @@ def _keep_prefix(
     vp_input_ids: torch.Tensor, filled: torch.Tensor, branch_len: torch.Tensor
 ) -> torch.Tensor:
     """Positions 0 .. branch_len[k] from the VP input (anchor, t_1 .. t_i), the rest from `filled`."""
-    offsets = torch.arange(vp_input_ids.shape[1], device=vp_input_ids.device)
+    offsets = _constant(vp_input_ids.device, "arange", vp_input_ids.shape[1])
     visible = offsets.view(1, -1) <= branch_len.to(torch.int64).view(-1, 1)
     return torch.where(visible, vp_input_ids, filled)
 
@@ -262,7 +264,7 @@ def verify(
     """
     num_cands, length = cand_tokens.shape
     if layout == "branches":
-        offsets = torch.arange(length, device=cand_tokens.device).view(1, length)
+        offsets = _constant(cand_tokens.device, "arange", length).view(1, length)
         positions = _positions(cache.cache_len, offsets).expand(num_cands, length)
         logits, hidden = target.forward(cand_tokens, positions, cache, causal=True, taps=taps)
         row_of = None
@@ -309,7 +311,7 @@ def commit(verified: Verified, accepted: Any, state: LoopState) -> None:
     cache = state.target_cache
     num_new = accepted.num_accepted + 1
     # the committed rows sit at positions cache_len .. cache_len + a: read before commit advances it
-    offsets = torch.arange(state.ctx_positions.shape[0], device=num_new.device)
+    offsets = _constant(num_new.device, "arange", state.ctx_positions.shape[0])
     state.ctx_positions.copy_(_positions(cache.cache_len, offsets))
     ops.commit(
         cache.k_local,
@@ -347,7 +349,7 @@ def ar_step(target: Any, sampling: Sampling, state: LoopState) -> None:
         top_k=sampling.top_k,
         top_p=sampling.top_p,
     )
-    zero, one = _int32_constants(token.device)
+    zero, one = _constant(token.device, "full", 0), _constant(token.device, "full", 1)
     ops.commit(
         cache.k_local, cache.v_local, cache.k_cache, cache.v_cache, zero, cache.cache_len, one
     )

@@ -126,7 +126,8 @@ def attend_local(
     m_i,
     l_i,
     q,
-    # the branch's local K/V of one kv head: key j at k_ptr + j * stride_kt
+    # the local K/V of one kv head, branches packed back to back: branch b's key j at
+    # k_ptr + (b * seq_len + j) * stride_kt
     k_ptr,
     v_ptr,
     stride_kt,
@@ -135,11 +136,12 @@ def attend_local(
     mask_ptr,
     mask_offset,
     stride_mt,
-    t,  # [BLOCK_M] each row's token index in the branch (row = tile_first_row + i = t * group + g)
+    token,  # [BLOCK_M] each row's token b * seq_len + t (row = tile_first_row + i = token * group + g)
     row_valid,
     tile_first_row,
     group,
     seq_len,
+    num_tokens,  # B * seq_len: the tile's rows may span branches (not with a tree mask)
     causal,
     window_left,
     qk_scale,
@@ -149,19 +151,24 @@ def attend_local(
     HEAD_DIM: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """`attend_range` over a branch's own T keys (causal, a packed tree mask, or all; a window)."""
-    row_min_key = tl.where(window_left >= 0, t - window_left, -NO_KEY_BOUND)
-    row_max_key = tl.where(row_valid, tl.where(causal != 0, t, seq_len - 1), -1)
-    # causal: no key past this tile's last token
-    last_t = tl.minimum((tile_first_row + BLOCK_M - 1) // group, seq_len - 1)
-    key_hi = tl.where(causal != 0, last_t + 1, seq_len)
+    """`attend_range` over each row's own branch's T keys (causal, a packed tree mask, or all; a
+    window). Rows see only keys of their own branch, so one tile may hold tokens of several."""
+    t = token % seq_len
+    branch_lo = token - t
+    row_min_key = branch_lo + tl.where(window_left >= 0, tl.maximum(t - window_left, 0), 0)
+    row_max_key = tl.where(row_valid, branch_lo + tl.where(causal != 0, t, seq_len - 1), -1)
+    # only the keys of the branches this tile touches, and causally none past its last token
+    first_token = tile_first_row // group
+    last_token = tl.minimum((tile_first_row + BLOCK_M - 1) // group, num_tokens - 1)
+    key_lo = first_token - first_token % seq_len
+    key_hi = tl.where(causal != 0, last_token + 1, last_token - last_token % seq_len + seq_len)
     if HAS_TREE_MASK:
         mask_rows = mask_ptr + mask_offset + t * stride_mt
     else:
         mask_rows = None
     return attend_range(
         acc, m_i, l_i, q, k_ptr, v_ptr, stride_kt, stride_vt,
-        0, key_hi, seq_len, qk_scale, row_min_key, row_max_key, mask_rows,
+        key_lo, key_hi, num_tokens, qk_scale, row_min_key, row_max_key, mask_rows,
         MASKED=True, HAS_TREE_MASK=HAS_TREE_MASK,
         BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, DOT_PRECISION=DOT_PRECISION,
     )  # fmt: skip

@@ -134,7 +134,7 @@ def _branch_kernel(
             k_ptr + branch * stride_kb + kv_head * stride_kh,
             v_ptr + branch * stride_vb + kv_head * stride_vh,
             stride_kt, stride_vt, mask_ptr, branch * stride_mb, stride_mt, t, row_valid,
-            pid_m * BLOCK_M, group, seq_len, causal, window_left, qk_scale,
+            pid_m * BLOCK_M, group, seq_len, seq_len, causal, window_left, qk_scale,
             HAS_TREE_MASK=HAS_MASK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
             DOT_PRECISION=DOT_PRECISION,
         )  # fmt: skip

@@ -1,5 +1,5 @@
-"""Cascade attention: one layer's whole attention for B branches over a shared prefix, in two
-launches, or one for a single branch.
+"""Cascade attention: one layer's whole attention for B branches over a shared prefix, in one
+launch (two when a tree mask comes with several branches).
 
 Math: query (b, t) at position `cache_len + t` attends the shared prefix keys j < cache_len (at j;
 all in the past) and its own branch's local keys j < T (at `cache_len + j`; causal: j <= t, or a
@@ -13,24 +13,21 @@ Layouts: q [B, T, Hq, D]; k_cache, v_cache [max_len, Hkv, D] with cache_len int3
 device; k_local, v_local [B, T, Hkv, D]; mask int32 [T, W] or [B, T, W], W = ceil(T / 32).
 Out: o [B, T, Hq, D] in q.dtype (and lse [B, T, Hq] float32).
 
-Design (why two launches):
-1. `prefix_attention`'s split pass: grid (row tiles, KV splits, kv heads); a row tile packs all
-   B*T tokens x the GQA group of one kv head (Qwen3-8B: 80 tokens x 4 heads = 320 rows), so every
-   prefix K/V tile is read once for all branches and multiplied with tl.dot at full tile width;
-   the prefix is cut into S equal splits (S from max_len and the SM count, a host constant: the
-   grid never depends on cache_len) that write partial states [S, B, T, Hq, D] float32.
-2. `branch_attention`'s kernel: grid (row tiles, branches, kv heads); each program computes its
-   branch's local attention (T keys: one or two tiles, masked) and merges it with the S partial
-   states of its rows in registers, writing the final o in q.dtype.
-The local part cannot join launch 1 without either a third (merge) launch or a cross-CTA
-reduction; in launch 2 it costs one extra K/V tile per program on top of the merge it must do
-anyway, so two launches is the minimum without atomics. With ONE branch (B = 1: the AR step, a
-tree-layout verify, prefill chunks, a draft) launch 1 does it all: split 0 also attends the local
-keys (a row tile then holds one branch's tokens only), and the last split of each (row tile, kv
-head) to finish, found by an atomic arrival counter, merges the S states and writes o and lse. A
-graphed decode step is launch-bound (SmolLM2: ~3.6 us per launch, 30 layers), so this saves a
-launch per layer. Long prefixes are compute-bound in launch 1 (tl.dot tiles up to 128x128,
-autotuned per head_dim/group/splits); the partial states are L2-sized (S x B*T x Hq x D x 4 bytes).
+Design: `prefix_attention`'s split pass, grid (row tiles, KV splits, kv heads). A row tile packs
+B*T tokens x the GQA group of one kv head (Qwen3-8B: 80 tokens x 4 heads = 320 rows), so every
+prefix K/V tile is read once for all branches and multiplied with tl.dot at full tile width; the
+prefix is cut into S equal splits (S from max_len and the SM count, a host constant: the grid never
+depends on cache_len) that write partial states [S, B, T, Hq, D] float32 (L2-sized). Split 0 also
+attends the local keys of its rows (each row only its own branch's: the local rows lie back to back,
+branch b's key j at row b * T + j, so a tile spanning branches reads one contiguous key range), and
+the last split of each (row tile, kv head) to finish, found by an atomic arrival counter, merges
+the S states and writes o and lse. A graphed decode step is launch-bound (SmolLM2: ~3.6 us per
+launch, 30 layers), so one launch per layer instead of two is worth the serial merge at the end.
+Long prefixes are compute-bound in the split pass (tl.dot tiles up to 128x128, autotuned per
+head_dim/group/splits/rows). The two-launch form remains for per-branch tree masks with B > 1
+(mask bits are indexed within a branch) and local keys not packed back to back: the split pass
+without local keys, then `branch_attention`'s kernel, grid (row tiles, branches, kv heads), which
+attends each branch's local keys and merges them with the S partial states in registers.
 """
 
 from __future__ import annotations
@@ -41,6 +38,7 @@ from kernels._attention import attention_ref, call_op, check_sm_scale
 from kernels.branch_attention import check_local_inputs, launch_branch, local_visibility
 from kernels.prefix_attention import (
     check_prefix_inputs,
+    fuses_local,
     launch_prefix_split,
     prefix_splits,
     prefix_visibility,
@@ -69,7 +67,7 @@ def _cascade_attention_impl(
     )
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty(q.shape[:3], dtype=torch.float32, device=q.device)
-    if batch == 1:  # one branch (AR step, tree verify, prefill, a draft): one launch
+    if fuses_local(k_local, v_local, mask):  # every call of the decoder: one launch
         launch_prefix_split(
             q, k_cache, v_cache, cache_len, part_o, part_lse, sm_scale, window_left,
             store_empty_o=False, local=(k_local, v_local, mask, causal), out=(o, lse),

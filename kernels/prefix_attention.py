@@ -22,9 +22,9 @@ state (lse = -inf, o left unwritten) and exit. Each split runs up to three loops
 online-softmax step: masked tiles at the window's edge, unmasked full tiles, a masked tail tile.
 With one split the kernel writes the final (o, lse); with several it writes partial states
 [S, B, T, Hq, ...] that one pass of the branch kernel (with no local keys) merges.
-`FUSED` (cascade_attention of a single branch): split 0 also attends the branch's local keys, and
-the last split of each (row tile, kv head) to finish (atomic arrival counter) merges the S states
-into the final o / lse, so the whole cascade is this one launch.
+`FUSED` (cascade_attention): split 0 also attends each row's own branch's local keys, and the
+last split of each (row tile, kv head) to finish (atomic arrival counter) merges the S states into
+the final o / lse, so the whole cascade is this one launch.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ from kernels._attention import (
         "num_rows", "seq_len", "group", "max_len", "num_splits", "split_min_keys",
         "stride_ls", "stride_lb", "stride_lt", "stride_lh",
         "window_left", "store_empty_o", "rows_bucket",
-        "stride_mt", "stride_lse_t", "stride_lse_h", "causal",
+        "stride_mt", "stride_lse_b", "stride_lse_t", "stride_lse_h", "causal",
     ]
 )  # fmt: skip
 def _prefix_split_kernel(
@@ -71,7 +71,8 @@ def _prefix_split_kernel(
     cache_len_ptr,
     part_o_ptr,
     part_lse_ptr,
-    # FUSED only (B = 1): the branch's local keys, its tree mask, the outputs, arrival counters
+    # FUSED only: the branches' local keys (packed back to back), the tree mask (B = 1 only),
+    # the outputs, the arrival counters
     k_local_ptr,
     v_local_ptr,
     mask_ptr,
@@ -106,8 +107,10 @@ def _prefix_split_kernel(
     stride_lvt,
     stride_lvh,
     stride_mt,
+    stride_o_b,
     stride_o_t,
     stride_o_h,
+    stride_lse_b,
     stride_lse_t,
     stride_lse_h,
     # meta
@@ -195,8 +198,8 @@ def _prefix_split_kernel(
             acc, m_i, l_i = attend_local(
                 acc, m_i, l_i, q,
                 k_local_ptr + kv_head * stride_lkh, v_local_ptr + kv_head * stride_lvh,
-                stride_lkt, stride_lvt, mask_ptr, 0, stride_mt, t, row_valid,
-                pid_m * BLOCK_M, group, seq_len, causal, window_left, qk_scale,
+                stride_lkt, stride_lvt, mask_ptr, 0, stride_mt, token, row_valid,
+                pid_m * BLOCK_M, group, seq_len, num_rows // group, causal, window_left, qk_scale,
                 HAS_TREE_MASK=HAS_MASK, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
                 DOT_PRECISION=DOT_PRECISION,
             )  # fmt: skip
@@ -232,12 +235,14 @@ def _prefix_split_kernel(
                 STATES_PER_STEP=(64 + BLOCK_M - 1) // BLOCK_M,
                 CACHE=".cg",
             )
+            out_rows = batch * stride_o_b + t * stride_o_t + head * stride_o_h
             tl.store(
-                o_ptr + (t * stride_o_t + head * stride_o_h)[:, None] + offs_d[None, :],
+                o_ptr + out_rows[:, None] + offs_d[None, :],
                 o.to(o_ptr.dtype.element_ty),
                 mask=row_valid[:, None],
             )
-            tl.store(lse_ptr + t * stride_lse_t + head * stride_lse_h, lse, mask=row_valid)
+            out_lse_rows = batch * stride_lse_b + t * stride_lse_t + head * stride_lse_h
+            tl.store(lse_ptr + out_lse_rows, lse, mask=row_valid)
 
 
 def _configs() -> list[triton.Config]:
@@ -299,6 +304,15 @@ def prefix_splits(q: torch.Tensor, k_cache: torch.Tensor) -> int:
     )
 
 
+def fuses_local(k_local: torch.Tensor, v_local: torch.Tensor, mask: torch.Tensor | None) -> bool:
+    """Can the split pass also attend these local keys [B, T, Hkv, D]? It indexes them as one run
+    of B * T rows (branch b's key j at row b * T + j), and the tree mask's bits by j, so a tile may
+    span branches only without a mask."""
+    batch, seq = k_local.shape[:2]
+    packed = all(x.stride(0) == seq * x.stride(1) or batch == 1 for x in (k_local, v_local))
+    return packed and (mask is None or batch == 1)
+
+
 def launch_prefix_split(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -315,9 +329,9 @@ def launch_prefix_split(
 ) -> None:
     """Launch the split pass into part_o [S, B, T, Hq, D] / part_lse [S, B, T, Hq] (S = splits).
 
-    With `local` = (k_local, v_local [1, T, Hkv, D], mask [T, W] | None, causal) and `out` =
-    (o [1, T, Hq, D], lse [1, T, Hq]) (B = 1 only), the same launch also attends the local keys
-    and merges every state into o / lse: the whole cascade in one launch."""
+    With `local` = (k_local, v_local [B, T, Hkv, D], mask [T, W] | None, causal) and `out` =
+    (o [B, T, Hq, D], lse [B, T, Hq]), the same launch also attends the local keys and merges
+    every state into o / lse: the whole cascade in one launch. It needs `fuses_local` true."""
     batch, seq, num_q_heads, head_dim = q.shape
     max_len, num_kv_heads, _ = k_cache.shape
     group = num_q_heads // num_kv_heads
@@ -327,18 +341,21 @@ def launch_prefix_split(
         return
     fused = local is not None
     if fused:
-        assert batch == 1 and out is not None, "the fused cascade takes one branch and its outputs"
         k_local, v_local, mask, causal = local
+        assert out is not None and fuses_local(k_local, v_local, mask), (
+            "the fused cascade takes its outputs, and branches packed back to back (a tree mask "
+            "only with one branch)"
+        )
         o, lse = out
         arrivals = arrival_counters(q.device, triton.cdiv(num_rows, 16) * num_kv_heads)
         local_args = (k_local, v_local, mask, o, lse, arrivals)
         local_strides = (*k_local.stride()[1:3], *v_local.stride()[1:3])
-        local_strides += (mask.stride(-2) if mask is not None else 0, *o.stride()[1:3])
-        local_strides += tuple(lse.stride()[1:3])
+        local_strides += (mask.stride(-2) if mask is not None else 0, *o.stride()[:3])
+        local_strides += tuple(lse.stride())
     else:
         causal, mask = False, None
         local_args = (part_o,) * 6  # never read
-        local_strides = (0,) * 9
+        local_strides = (0,) * 11
 
     def grid(meta):
         return (triton.cdiv(num_rows, meta["BLOCK_M"]), num_splits, num_kv_heads)

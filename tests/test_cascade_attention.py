@@ -66,7 +66,10 @@ CASES = [
         torch.float32,
     ),  # window 8 < T: late rows lose the prefix
     (2, 16, 2, 1, 64, 70, 90, "bidir", 40, LOW),  # window edge inside the prefix, bidirectional
-    # one branch: the one-launch path (split 0 attends the local keys, the last split merges)
+    (3, 12, 4, 2, 64, 30, 50, "causal", 4, torch.float32),  # window 4 < T inside each branch
+    (4, 9, 3, 1, 64, 10, 20, "bidir", 3, LOW),  # bidirectional window, tiles spanning branches
+    # one branch (split 0 attends the local keys, the last split merges), as every case above but
+    # "tree_b" (per-branch masks: the two-launch path)
     (1, 5, 4, 2, 64, 0, 40, "causal", -1, torch.float32),  # empty prefix: local keys only
     (1, 33, 6, 3, 64, 90, 100, "causal", -1, torch.float32),  # 4 splits, 3 row tiles
     (1, 16, 8, 1, 64, 45, 100, "tree", -1, LOW),  # tree verify layout: mask [T, W], masked row
@@ -111,16 +114,34 @@ def test_arrival_counters_grow_without_freeing() -> None:
 
 @pytest.mark.parametrize("batch", [1, 2])
 def test_cascade_attention_follows_device_cache_len(batch):
-    # one set of buffers, several lengths written on the device (what a decode loop does); with
-    # one branch every launch also leaves its arrival counters zeroed for the next
+    # one set of buffers, several lengths written on the device (what a decode loop does); every
+    # launch also leaves its arrival counters zeroed for the next
     from kernels._attention import _ARRIVALS
 
     p = make_problem(batch, 5, 2, 1, 64, 100, torch.float32, max_len=100)
     for length in (50, 0, 1, 33, 100):
         p.cache_len.fill_(length)
         _check(p, "causal", -1, torch.float32)
-        if batch == 1:
-            assert not any(buffer.any() for buffer in _ARRIVALS[p.q.device])
+        assert not any(buffer.any() for buffer in _ARRIVALS[p.q.device])
+
+
+@pytest.mark.parametrize("local", ["causal", "tree_b"])
+def test_cascade_attention_two_launch_forms(local):
+    # local keys that are not packed back to back (strided views), and per-branch tree masks with
+    # several branches, take the split pass + branch kernel; both paths give the same answer
+    from kernels.prefix_attention import fuses_local
+
+    p = make_problem(3, 7, 4, 2, 64, 40, torch.float32, max_len=64)
+    mask = _mask(local, 7, 3, p.q.device)
+    padded_k = torch.randn(3, 9, 2, 64, device=p.q.device)
+    padded_v = torch.randn(3, 9, 2, 64, device=p.q.device)
+    padded_k[:, :7], padded_v[:, :7] = p.k_local, p.v_local
+    strided = (padded_k[:, :7], padded_v[:, :7])
+    assert not fuses_local(*strided, mask) and fuses_local(p.k_local, p.v_local, None)
+    o_packed, _ = _check(p, local, 5, torch.float32, mask)
+    p.k_local, p.v_local = strided
+    o_strided, _ = _check(p, local, 5, torch.float32, mask)
+    torch.testing.assert_close(o_strided, o_packed, rtol=1e-5, atol=1e-5)
 
 
 def test_cascade_attention_opcheck():

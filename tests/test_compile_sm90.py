@@ -58,8 +58,8 @@ def _variants():
 
 
 def _prefix_variant(dtype: str, head_dim: int, fused: bool, has_mask: bool):
-    """The cascade's split pass; fused: the one-launch cascade of one branch (local keys, the
-    atomic arrival and the merge of the last split)."""
+    """The cascade's split pass; fused: the one-launch cascade (local keys, the atomic arrival
+    and the merge of the last split)."""
     signature = {"q_ptr": f"*{dtype}", "k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}"}
     signature |= {"cache_len_ptr": "*i32", "part_o_ptr": "*fp32", "part_lse_ptr": "*fp32"}
     signature |= {"k_local_ptr": f"*{dtype}", "v_local_ptr": f"*{dtype}", "mask_ptr": "*i32"}
@@ -67,7 +67,8 @@ def _prefix_variant(dtype: str, head_dim: int, fused: bool, has_mask: bool):
     for name in ("num_rows", "seq_len", "group", "max_len", "num_splits", "split_min_keys"):
         signature[name] = "i32"
     strides = ["qb", "qt", "qh", "kn", "kh", "vn", "vh", "os", "ob", "ot", "oh", "ls", "lb"]
-    strides += ["lt", "lh", "lkt", "lkh", "lvt", "lvh", "mt", "o_t", "o_h", "lse_t", "lse_h"]
+    strides += ["lt", "lh", "lkt", "lkh", "lvt", "lvh", "mt", "o_b", "o_t", "o_h"]
+    strides += ["lse_b", "lse_t", "lse_h"]
     signature |= {f"stride_{name}": "i64" for name in strides}
     signature |= {"qk_scale": "fp32", "window_left": "i32", "store_empty_o": "i32"}
     signature |= {"causal": "i32", "rows_bucket": "i32"}

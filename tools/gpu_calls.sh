@@ -23,6 +23,11 @@
 #                                           bench.accept_chunks (GPU1)
 #   call s4 carry [".device-gb"]            d2sd.run (triton), then the system GPU tests split over
 #                                           both GPUs, beside the real-target pytest (GPU1)
+# Session 5 (one-launch cascade for every B, greedy accept without its select launch):
+#   call s5 carry [".device", ".device-ga"] attention, sampler, emit, rope and layer GPU tests
+#                                           (GPU0) || bench.accept_chunks, bench.kernels accept,
+#                                           the 8B cycle (GPU1)
+#   call s6                                 = s4
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -39,7 +44,7 @@
 # (~2 min each); its full 60-shape run then takes ~140 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4}
+call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4|s5|s6}
 out=${OUT:-gpu-out}
 work="$out/w"
 mkdir -p "$work" /root/stash
@@ -128,7 +133,7 @@ case "$call" in
     run_on 1 150 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work" &
     wait
     ;;
-  s4)
+  s4 | s6)
     bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
     (D2SD_DEFAULT_GGUF=$gguf run_on 0 100 gpu0-run-triton.log python3 -m d2sd.run --backend triton \
         --json "$work/run-triton.json"
@@ -141,8 +146,20 @@ case "$call" in
         tests/test_layers.py tests/test_run_cli.py) &
     wait
     ;;
+  s5)
+    cp .device-ga/part_a /root/stash/
+    python3 tools/flashinfer_warm.py > "$work/flashinfer-warm.log" 2>&1 &
+    run_on 0 300 gpu0-kernel-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_cascade_attention.py tests/test_prefix_attention.py tests/test_branch_attention.py \
+      tests/test_accept.py tests/test_sample_tokens.py tests/test_emit.py tests/test_rope.py \
+      tests/test_layers.py &
+    (run_on 1 200 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work"
+      run_on 1 60 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
+      run_on 1 100 gpu1-cycle8b.log python3 -m bench.cycle_8b --backends triton --out-dir "$work") &
+    wait
+    ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s4)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s5; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
