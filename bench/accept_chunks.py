@@ -2,9 +2,8 @@
 _BLOCK (tokens per block), _CHUNK_BLOCKS (blocks per partials program) and the partials kernel's
 warps.
 
-The sampled path is three launches (partials over (rows, chunks), select per row, the walk), the
-greedy one two (the walk reduces the chunk partials itself) or, as `scan_reduces` "no" times it,
-the same three; the partials pass reads every candidate row once and dominates. Its grid is rows x
+The greedy and sampled paths are three launches (partials over (rows, chunks), select per row,
+the walk); the partials pass reads every candidate row once and dominates. Its grid is rows x
 ceil(V / (BLOCK * CHUNK_BLOCKS)) programs: small chunks make more than one wave of programs, large
 ones fewer loads in flight per SM. Each configuration is timed on bench_accept's shapes (B = 5,
 T = 16 / 32, V = 151936 / 49152, bf16), replayed in a CUDA graph; `current` marks the shipped one.
@@ -44,13 +43,8 @@ CONFIGS = (  # (BLOCK, CHUNK_BLOCKS, partials warps)
     (16384, 1, 16),
     (2048, 4, 4),
 )
-MODES = {  # (mode, does the walk reduce greedy partials): sampling arguments
-    ("greedy", True): dict(temperature=0.0),
-    ("greedy", False): dict(temperature=0.0),
-    ("sampled", False): dict(temperature=1.0),
-}
-COLUMNS = ("vocab", "T", "mode", "scan_reduces", "block", "chunk_blocks", "warps", "programs")
-COLUMNS += ("current", "us")
+MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0)}
+COLUMNS = ("vocab", "T", "mode", "block", "chunk_blocks", "warps", "programs", "current", "us")
 
 
 def _configure(block: int, chunk_blocks: int, warps: int) -> None:
@@ -60,7 +54,6 @@ def _configure(block: int, chunk_blocks: int, warps: int) -> None:
 
 
 def sweep() -> list[dict]:
-    shipped_scan = accept_module._SCAN_REDUCES_GREEDY
     shipped = (
         accept_module._BLOCK,
         accept_module._CHUNK_BLOCKS,
@@ -79,8 +72,7 @@ def sweep() -> list[dict]:
                 for config in CONFIGS:
                     _configure(*config)
                     chunks = accept_module._chunking(vocab)[2]
-                    for (mode, scan_reduces), warpers in MODES.items():
-                        accept_module._SCAN_REDUCES_GREEDY = scan_reduces
+                    for mode, warpers in MODES.items():
 
                         def call(cand=cand, logits=logits, uniforms=uniforms, warpers=warpers):
                             return accept_module.accept(cand, logits, uniforms=uniforms, **warpers)
@@ -88,17 +80,13 @@ def sweep() -> list[dict]:
                         call()  # compile outside the timing
                         rows.append({
                             "vocab": vocab, "T": depth, "mode": mode,
-                            "scan_reduces": "yes" if scan_reduces else "no",
                             "block": config[0], "chunk_blocks": config[1], "warps": config[2],
                             "programs": num_rows * chunks,
-                            "current": "*" if config == shipped and (
-                                mode == "sampled" or scan_reduces == shipped_scan
-                            ) else "",
+                            "current": "*" if config == shipped else "",
                             "us": time_us(call, cuda_graph=True, rep_ms=30)["us"],
                         })  # fmt: skip
     finally:
         _configure(*shipped)
-        accept_module._SCAN_REDUCES_GREEDY = shipped_scan
     return rows
 
 

@@ -31,10 +31,12 @@ eagerly without CUDA graphs and its stage times include launch gaps: the referen
     python -m bench.cycle_8b [--backends triton,flashinfer] [--prefixes 1024,8192,32768]
                                    [--tau 6.5] [--cycles 32] [--repeats 5] [--out-dir DIR]
     python -m bench.cycle_8b --tiny      # tiny Qwen3 on the CPU: checks the logic only
+    python -m bench.cycle_8b --shape smollm2 --backends triton --profile ar,d2sd
+                                         # the default target's shape (random weights), per kernel
     python -m bench.kernels --only 8b_cycle [--quick]
 
 Writes `<out-dir>/8b_cycle-<gpu>-<date>.json` (bench/_harness.write_results; `--tiny`:
-`8b_cycle-tiny-...`).
+`8b_cycle-tiny-...`, `--shape smollm2`: `smollm2_cycle-...`).
 """
 
 from __future__ import annotations
@@ -81,8 +83,28 @@ TINY = dict(
     head_dim=16,
     max_position_embeddings=4096,
 )
-DRAFT_LAYERS = {"8b": 5, "tiny": 1}
-PREFIXES = {"8b": (1024, 8192, 32768), "tiny": (32, 128, 512)}
+# SmolLM2-135M-Instruct's shape (a Llama: no q/k norm, tied embeddings): the default target's
+# decode step without its GGUF, for a per-kernel profile of the launch-bound regime
+SMOLLM2 = dict(
+    model_type="llama",
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    head_dim=64,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-5,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+    tie_word_embeddings=True,
+    attention_bias=False,
+    mlp_bias=False,
+)
+SHAPES = {"8b": QWEN3_8B, "smollm2": SMOLLM2, "tiny": TINY}
+SHAPE_NAMES = {"8b": "qwen3-8b", "smollm2": "smollm2-135m", "tiny": "tiny"}
+DRAFT_LAYERS = {"8b": 5, "smollm2": 1, "tiny": 1}  # smollm2: as the shipped drafters
+PREFIXES = {"8b": (1024, 8192, 32768), "smollm2": (512, 2048), "tiny": (32, 128, 512)}
 PAPER_TAU = {"d2sd": 7.05, "dflash": 5.31}  # Qwen3-8B, H200, γ = 16, K = 4, greedy
 MODES = ("ar", "dflash", "d2sd")
 COLUMNS = [
@@ -118,7 +140,8 @@ def build_target(shape: dict, device: torch.device, dtype: torch.dtype, backend:
 
     from d2sd.models import TargetModel
 
-    config = AutoConfig.for_model("qwen3", **shape)
+    shape = dict(shape)
+    config = AutoConfig.for_model(shape.pop("model_type", "qwen3"), **shape)
     config.eos_token_id = config.bos_token_id = config.pad_token_id = None
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -265,7 +288,7 @@ def project(tau: float, t_ar_ms: float, t_cycle_ms: float) -> float:
 
 def measure(
     *,
-    tiny: bool,
+    size: str,
     backends: Sequence[str],
     prefixes: Sequence[int],
     tau: float | None,
@@ -284,7 +307,7 @@ def measure(
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shape = TINY if tiny else QWEN3_8B
+    shape = SHAPES[size]
     notes: list[str] = []
     runnable = []
     for name in backends:
@@ -298,7 +321,7 @@ def measure(
     if not runnable:
         return [], notes, {}
     target = build_target(shape, device, dtype, runnable[0][0])
-    draft, vp_draft = build_drafters(target, DRAFT_LAYERS["tiny" if tiny else "8b"], gamma, gamma2)
+    draft, vp_draft = build_drafters(target, DRAFT_LAYERS[size], gamma, gamma2)
     max_len = max(prefixes) + cycles + 4 * gamma2 + 64
     rows: list[dict] = []
     profiles: list[dict] = []
@@ -346,9 +369,9 @@ def measure(
         if device.type == "cuda":
             torch.cuda.empty_cache()
     config = {
-        "shape": "tiny" if tiny else "qwen3-8b",
+        "shape": SHAPE_NAMES[size],
         "target": {k: v for k, v in shape.items() if k != "rope_parameters"},
-        "draft_layers": DRAFT_LAYERS["tiny" if tiny else "8b"],
+        "draft_layers": DRAFT_LAYERS[size],
         "draft_taps": list(draft.target_layer_ids),
         "gamma": gamma,
         "topk": topk,
@@ -400,7 +423,7 @@ def _row(backend: str, prefix: int, graphs: bool, timed: dict, tau: float | None
 def run(quick: bool) -> list[dict]:
     """`python -m bench.kernels` hook: triton only, prefixes 1k and 8k when `quick`."""
     rows, notes, _ = measure(
-        tiny=False,
+        size="8b",
         backends=("triton",) if quick else ("triton", "flashinfer"),
         prefixes=(1024, 8192) if quick else PREFIXES["8b"],
         tau=None,
@@ -424,6 +447,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--tiny", action="store_true", help="tiny Qwen3 config (CPU logic check; default: 8B)"
+    )
+    parser.add_argument(
+        "--shape",
+        choices=("8b", "smollm2"),
+        default="8b",
+        help="8b: Qwen3-8B (default); smollm2: SmolLM2-135M's shape, random weights, 1-layer "
+        "drafters (prefixes 512,2048)",
     )
     parser.add_argument(
         "--backends",
@@ -454,15 +484,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
         print(
-            "cycle_8b: the 8B shape needs a CUDA GPU (--tiny runs on the CPU)",
+            f"cycle_8b: the {args.shape} shape needs a CUDA GPU (--tiny runs on the CPU)",
             file=sys.stderr,
         )
         return 2
-    size = "tiny" if args.tiny else "8b"
+    size = "tiny" if args.tiny else args.shape
     backends = args.backends.split(",") if args.backends else None
     backends = backends or (["triton", "flashinfer"] if cuda else ["torch"])
     rows, notes, config = measure(
-        tiny=args.tiny,
+        size=size,
         backends=backends,
         prefixes=_ints(args.prefixes) if args.prefixes else PREFIXES[size],
         tau=args.tau,
@@ -484,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             prof["top"],
             ("kernel", "calls", "us_per_cycle", "share"),
         )
-    name = "8b_cycle-tiny" if args.tiny else "8b_cycle"
+    name = {"8b": "8b_cycle", "smollm2": "smollm2_cycle", "tiny": "8b_cycle-tiny"}[size]
     path = write_results(name, {"config": config, "rows": rows, "notes": notes}, args.out_dir)
     print(f"\nwrote {path}")
     return 0 if rows else 1

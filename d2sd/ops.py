@@ -20,6 +20,7 @@ import kernels
 __all__ = [
     "accept",
     "commit",
+    "constant",
     "cpu_kernels",
     "emit",
     "kernel_or_reference",
@@ -40,6 +41,23 @@ def cpu_kernels(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _cpu_kernels = previous
+
+
+_CONSTANTS: dict[tuple[torch.device, str, int, int], torch.Tensor] = {}
+
+
+def constant(device: torch.device, kind: str, size: int, value: int = 0) -> torch.Tensor:
+    """A tensor that never changes, made once per device (a graph's warm-up makes it eagerly), so
+    that a step does not spend a launch on it: kind "arange" int64 [size] = 0 .. size-1, "int32"
+    int32 [size] and "int64" int64 [size] filled with `value`."""
+    key = (device, kind, size, value)
+    if key not in _CONSTANTS:
+        if kind == "arange":
+            _CONSTANTS[key] = torch.arange(size, device=device)
+        else:
+            dtype = torch.int32 if kind == "int32" else torch.int64
+            _CONSTANTS[key] = torch.full((size,), value, dtype=dtype, device=device)
+    return _CONSTANTS[key]
 
 
 def kernel_or_reference(name: str, device: torch.device) -> Callable:
@@ -118,15 +136,21 @@ def commit(
     num_new: torch.Tensor,
     hidden_src: torch.Tensor | None = None,
     hidden_dst: torch.Tensor | None = None,
+    *,
+    advance: bool = True,
 ) -> None:
     """Copy local K/V rows `rows[:num_new]` into the cache at `cache_len`, advance `cache_len` by
-    `num_new`, and gather `hidden_src[rows[:num_new]]` into `hidden_dst[:num_new]` (all on device).
+    `num_new` (unless `advance` is False: `emit` then does), and gather `hidden_src[rows[:num_new]]`
+    into `hidden_dst[:num_new]` (all on device).
 
     k_local/v_local [L, R, Hkv, D], k_cache/v_cache [L, max_len, Hkv, D], rows [T] int32,
     cache_len/num_new int32 [1], hidden_src [R, Hh], hidden_dst [T, Hh].
     """
     fn = kernel_or_reference("commit", k_local.device)
-    fn(k_local, v_local, k_cache, v_cache, rows, cache_len, num_new, hidden_src, hidden_dst)
+    fn(
+        k_local, v_local, k_cache, v_cache, rows, cache_len, num_new, hidden_src, hidden_dst,
+        advance=advance,
+    )  # fmt: skip
 
 
 def emit(
@@ -136,8 +160,18 @@ def emit(
     out_len: torch.Tensor,
     cycle: torch.Tensor,
     report: torch.Tensor,
+    anchor: torch.Tensor,
+    cache_len: torch.Tensor | None = None,
+    ctx_positions: torch.Tensor | None = None,
+    ctx_num_valid: torch.Tensor | None = None,
 ) -> None:
     """Append tokens [L] at out_len in out_tokens, advance out_len by num_new and cycle by one,
-    and write [num_new, tokens...] into report (all on the device; see kernels.emit)."""
+    write [num_new, tokens...] into report and tokens[num_new - 1] into anchor; with cache_len,
+    write the committed rows' positions cache_len + [0, P) into ctx_positions and num_new into
+    ctx_num_valid (when given), then advance cache_len by num_new (all on the device; see
+    kernels.emit)."""
     fn = kernel_or_reference("emit", tokens.device)
-    fn(tokens, num_new, out_tokens, out_len, cycle, report)
+    fn(
+        tokens, num_new, out_tokens, out_len, cycle, report, anchor, cache_len, ctx_positions,
+        ctx_num_valid,
+    )  # fmt: skip

@@ -117,30 +117,15 @@ class Verified:
     """Output of `verify`: the target's logits and taps per row, and where each candidate sits."""
 
     cand_tokens: torch.Tensor  # int64 [B, T]: the candidates in accept's layout
-    logits: torch.Tensor  # f32 [R, V]
+    logits: torch.Tensor  # [R, V] in the model dtype
     taps: torch.Tensor | None  # [R, n_taps * H] (None for `ar`)
     row_of: torch.Tensor | None  # int32 [B, T] for the tree; None: row b * T + t
 
 
-_CONSTANTS: dict[tuple[torch.device, str, int], torch.Tensor] = {}
-
-
-def _constant(device: torch.device, kind: str, size: int) -> torch.Tensor:
-    """A tensor that never changes, made once per device (a graph's warm-up makes it eagerly), so
-    that a step does not spend a launch on it: kind "arange" int64 [size] = 0 .. size-1, "full"
-    int32 [1] = size."""
-    key = (device, kind, size)
-    if key not in _CONSTANTS:
-        if kind == "arange":
-            _CONSTANTS[key] = torch.arange(size, device=device)
-        else:
-            _CONSTANTS[key] = torch.full((1,), size, dtype=torch.int32, device=device)
-    return _CONSTANTS[key]
-
-
 def _positions(cache_len: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Absolute positions `cache_len + offsets` (int64, shape of `offsets`)."""
-    return cache_len.to(torch.int64) + offsets
+    """Absolute positions `cache_len + offsets` (int64, shape of `offsets`; the int32 length is
+    promoted inside the add: one launch)."""
+    return offsets + cache_len
 
 
 def _current_row(table: torch.Tensor, cycle: torch.Tensor) -> torch.Tensor:
@@ -163,9 +148,9 @@ def draft(
     gamma: int,
 ) -> torch.Tensor:
     """First draft: logits [1, gamma, V] of the block [anchor, MASK x (gamma-1)] at L .. L+gamma-1."""
-    block = torch.full((1, gamma), mask_token_id, dtype=torch.int64, device=anchor.device)
-    block[0, :1] = anchor
-    offsets = _constant(anchor.device, "arange", gamma).view(1, gamma)
+    masks = ops.constant(anchor.device, "int64", gamma - 1, mask_token_id)
+    block = torch.cat([anchor, masks]).view(1, gamma)
+    offsets = ops.constant(anchor.device, "arange", gamma).view(1, gamma)
     return drafter.forward(block, _positions(cache_len, offsets), cache)
 
 
@@ -187,7 +172,7 @@ def draft2(drafter: Any, cache: Any, selection: Selection, cache_len: torch.Tens
     by the drafter's argmax (positions 0 .. i_k keep the anchor and the first draft's tokens)."""
     vp_input_ids = selection.vp_input_ids
     num_branches, gamma2 = vp_input_ids.shape
-    offsets = _constant(vp_input_ids.device, "arange", gamma2)
+    offsets = ops.constant(vp_input_ids.device, "arange", gamma2)
     logits = drafter.forward(
         vp_input_ids, _positions(cache_len, offsets).expand(num_branches, gamma2), cache
     )
@@ -224,8 +209,8 @@ def _keep_prefix(
     vp_input_ids: torch.Tensor, filled: torch.Tensor, branch_len: torch.Tensor
 ) -> torch.Tensor:
     """Positions 0 .. branch_len[k] from the VP input (anchor, t_1 .. t_i), the rest from `filled`."""
-    offsets = _constant(vp_input_ids.device, "arange", vp_input_ids.shape[1])
-    visible = offsets.view(1, -1) <= branch_len.to(torch.int64).view(-1, 1)
+    offsets = ops.constant(vp_input_ids.device, "arange", vp_input_ids.shape[1])
+    visible = offsets.view(1, -1) <= branch_len.view(-1, 1)  # int32 vs int64: one launch
     return torch.where(visible, vp_input_ids, filled)
 
 
@@ -238,12 +223,13 @@ def candidates(
 ) -> torch.Tensor:
     """cand_tokens [1 + K, length]: row 0 = [anchor, t_1 .. t_G, MASK ...] (the first draft padded
     to `length`), rows 1.. = branch_tokens [K, length] (None: no branches)."""
-    first = torch.full((1, length), mask_token_id, dtype=torch.int64, device=anchor.device)
-    first[0, :1] = anchor
-    first[0, 1 : 1 + draft_tokens.shape[0]] = draft_tokens
-    if branch_tokens is None:
-        return first
-    return torch.cat([first, branch_tokens], dim=0)
+    padding = ops.constant(
+        anchor.device, "int64", length - 1 - draft_tokens.shape[0], mask_token_id
+    )
+    rows = [anchor, draft_tokens, padding]
+    if branch_tokens is not None:
+        rows.append(branch_tokens.flatten())
+    return torch.cat(rows).view(-1, length)  # one launch
 
 
 def verify(
@@ -264,7 +250,7 @@ def verify(
     """
     num_cands, length = cand_tokens.shape
     if layout == "branches":
-        offsets = _constant(cand_tokens.device, "arange", length).view(1, length)
+        offsets = ops.constant(cand_tokens.device, "arange", length).view(1, length)
         positions = _positions(cache.cache_len, offsets).expand(num_cands, length)
         logits, hidden = target.forward(cand_tokens, positions, cache, causal=True, taps=taps)
         row_of = None
@@ -310,9 +296,6 @@ def commit(verified: Verified, accepted: Any, state: LoopState) -> None:
     """Commit the accepted path and emit its tokens (see the module docstring, step 8)."""
     cache = state.target_cache
     num_new = accepted.num_accepted + 1
-    # the committed rows sit at positions cache_len .. cache_len + a: read before commit advances it
-    offsets = _constant(num_new.device, "arange", state.ctx_positions.shape[0])
-    state.ctx_positions.copy_(_positions(cache.cache_len, offsets))
     ops.commit(
         cache.k_local,
         cache.v_local,
@@ -323,16 +306,24 @@ def commit(verified: Verified, accepted: Any, state: LoopState) -> None:
         num_new,
         verified.taps,
         state.ctx_hidden if verified.taps is not None else None,
+        advance=False,
     )
-    state.ctx_num_valid.copy_(num_new)
-    _emit(state, accepted.out_tokens, num_new)
-    state.anchor.copy_(accepted.bonus)
+    # the bonus, out_tokens[a], becomes the anchor; the committed rows (positions cache_len ..
+    # cache_len + a) become the drafters' pending context
+    _emit(state, accepted.out_tokens, num_new, context=True)
 
 
-def _emit(state: LoopState, tokens: torch.Tensor, num_new: torch.Tensor) -> None:
-    """Append tokens[:num_new] at out_len (all of `tokens` is written; the tail is scratch that the
-    next cycle overwrites), advance out_len and the cycle, and fill the host report."""
-    ops.emit(tokens, num_new, state.out_tokens, state.out_len, state.cycle, state.report)
+def _emit(state: LoopState, tokens: torch.Tensor, num_new: torch.Tensor, *, context: bool) -> None:
+    """After a commit with advance=False: append tokens[:num_new] at out_len (all of `tokens` is
+    written; the tail is scratch that the next cycle overwrites), advance out_len and the cycle,
+    fill the host report, make tokens[num_new - 1] the anchor, record the committed rows as the
+    drafters' context (`context`) and advance the target cache's length, in one launch."""
+    ops.emit(
+        tokens, num_new, state.out_tokens, state.out_len, state.cycle, state.report, state.anchor,
+        state.target_cache.cache_len,
+        state.ctx_positions if context else None,
+        state.ctx_num_valid if context else None,
+    )  # fmt: skip
 
 
 def ar_step(target: Any, sampling: Sampling, state: LoopState) -> None:
@@ -349,9 +340,9 @@ def ar_step(target: Any, sampling: Sampling, state: LoopState) -> None:
         top_k=sampling.top_k,
         top_p=sampling.top_p,
     )
-    zero, one = _constant(token.device, "full", 0), _constant(token.device, "full", 1)
+    zero, one = ops.constant(token.device, "int32", 1, 0), ops.constant(token.device, "int32", 1, 1)
     ops.commit(
-        cache.k_local, cache.v_local, cache.k_cache, cache.v_cache, zero, cache.cache_len, one
-    )
-    _emit(state, token, one)
-    state.anchor.copy_(token)
+        cache.k_local, cache.v_local, cache.k_cache, cache.v_cache, zero, cache.cache_len, one,
+        advance=False,
+    )  # fmt: skip
+    _emit(state, token, one, context=False)

@@ -14,7 +14,14 @@ from kernels.emit import emit, emit_ref
 from kernels.lse_merge import lse_merge, lse_merge_, lse_merge_ref
 from kernels.prefix_attention import prefix_attention, prefix_attention_ref
 from kernels.rms_norm import rms_norm, rms_norm_ref
-from kernels.rope import rope_qk, rope_qk_ref, rope_qk_store, rope_qk_store_ref
+from kernels.rope import (
+    rope_qk,
+    rope_qk_ref,
+    rope_qk_store,
+    rope_qk_store_ref,
+    rope_tables,
+    rope_tables_ref,
+)
 from kernels.silu_mul import silu_mul, silu_mul_ref
 from kernels.topk_confidence import topk_confidence, topk_confidence_ref
 from kernels.tree_mask import Tree, tree_mask, tree_mask_ref
@@ -44,6 +51,8 @@ __all__ = [
     "rope_qk_ref",
     "rope_qk_store",
     "rope_qk_store_ref",
+    "rope_tables",
+    "rope_tables_ref",
     "sample_tokens",
     "sample_tokens_ref",
     "silu_mul",

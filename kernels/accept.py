@@ -56,10 +56,9 @@ Outputs: num_accepted = a (drafts accepted), branch = f(a) (the chosen branch),
 out_tokens[:a + 1] = s_0 .. s_a (= t_1 .. t_a, bonus) and -1 after, bonus = s_a,
 path_rows[t] = row_of[branch, t] for every t < T (rows past a continue along the chosen branch, so
 `commit` can copy a fixed T rows), target_tokens = every pair's target (debugging, tests).
-Launches: sampling: [thresholds] + partials + select give target_tokens, then
-`_accept_scan_kernel` (one program) does the walk; greedy: partials, then the walk, which first
-reduces every pair's chunk partials in one [B, T, S] register tile (no select launch). The walk has
-no loop over depths: alive branches at
+Launches: [thresholds] + partials + select give target_tokens (greedy too: when the one-program
+walk reduced the greedy chunk partials itself, greedy accept was slower than sampled accept), then
+`_accept_scan_kernel` (one program) does the walk without a loop over depths: alive branches at
 depth t are exactly those agreeing with f(t) on drafts 1..t, so it tabulates, for every possible
 (f, t), the next first-alive branch, then jumps from one first-alive branch to the next (at most
 B jumps, all in registers).
@@ -140,13 +139,11 @@ def _mass_at_least(
 
 
 @triton.jit
-def _argmax_from_partials(
-    chunk_max, chunk_argmax, chunk_ids, valid, NONE: tl.constexpr, AXIS: tl.constexpr
-):
-    """Reduce per-chunk (max, first argmax) along AXIS: the largest value, ties to the first chunk."""
-    best = tl.expand_dims(tl.max(chunk_max, axis=AXIS), AXIS)
-    winner = tl.min(tl.where(valid & (chunk_max == best), chunk_ids, NONE), axis=AXIS)
-    return tl.sum(tl.where(chunk_ids == tl.expand_dims(winner, AXIS), chunk_argmax, 0), axis=AXIS)
+def _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, NONE: tl.constexpr):
+    """Reduce per-chunk (max, first argmax): the largest value, ties to the first chunk."""
+    best = tl.max(chunk_max, axis=0)
+    winner = tl.min(tl.where(valid & (chunk_max == best), chunk_ids, NONE), axis=0)
+    return tl.sum(tl.where(chunk_ids == winner, chunk_argmax, 0), axis=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -305,7 +302,7 @@ def _select_kernel(
     chunk_max = tl.load(chunk_max_ptr + partial, mask=valid, other=float("-inf"))
     if GREEDY:
         chunk_argmax = tl.load(chunk_argmax_ptr + partial, mask=valid, other=0)
-        token = _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, BLOCK_S, 0)
+        token = _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, BLOCK_S)
     else:
         x_max = tl.max(chunk_max, axis=0)
         chunk_mass = tl.load(chunk_mass_ptr + partial, mask=valid, other=0.0)
@@ -349,9 +346,7 @@ def _accept_scan_kernel(
     # pointers
     cand_ptr,  # [B, T] int64, contiguous
     rows_ptr,  # [B, T] int32/int64, contiguous (HAS_ROWS)
-    tokens_ptr,  # [B * T] int64 target tokens (not FROM_PARTIALS)
-    chunk_max_ptr,  # [B * T, S] f32 (FROM_PARTIALS: greedy chunk partials, reduced here)
-    chunk_argmax_ptr,  # [B * T, S] int32 (FROM_PARTIALS)
+    tokens_ptr,  # [B * T] int64 target tokens
     num_accepted_ptr,  # [1] int32 out
     bonus_ptr,  # [1] int64 out
     branch_ptr,  # [1] int32 out
@@ -361,13 +356,10 @@ def _accept_scan_kernel(
     # sizes
     num_branches,
     depth,
-    num_chunks,
     # meta
     HAS_ROWS: tl.constexpr,
-    FROM_PARTIALS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
-    BLOCK_S: tl.constexpr,
 ):
     ob = tl.arange(0, BLOCK_B)
     ot = tl.arange(0, BLOCK_T)
@@ -377,16 +369,7 @@ def _accept_scan_kernel(
     pair_ok = b_ok[:, None] & t_ok[None, :]
     # every global load up front: the walk below is a chain of dependent reductions
     cand = tl.load(cand_ptr + pair, mask=pair_ok, other=-1)
-    if FROM_PARTIALS:  # greedy: the argmax of every pair from its chunk partials, in registers
-        chunk_ids = tl.arange(0, BLOCK_S)[None, None, :]
-        partial = pair[:, :, None] * num_chunks + chunk_ids
-        partial_ok = pair_ok[:, :, None] & (chunk_ids < num_chunks)
-        chunk_max = tl.load(chunk_max_ptr + partial, mask=partial_ok, other=float("-inf"))
-        chunk_argmax = tl.load(chunk_argmax_ptr + partial, mask=partial_ok, other=0)
-        target = _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, partial_ok, BLOCK_S, 2)
-        target = tl.where(pair_ok, target.to(tl.int64), -1)
-    else:
-        target = tl.load(tokens_ptr + pair, mask=pair_ok, other=-1)
+    target = tl.load(tokens_ptr + pair, mask=pair_ok, other=-1)
     next_ok = b_ok[None, :] & (ot + 1 < depth)[:, None]
     next_draft = tl.load(cand_ptr + ob[None, :] * depth + ot[:, None] + 1, mask=next_ok, other=-1)
     if HAS_ROWS:
@@ -457,12 +440,7 @@ _KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 _BLOCK = 8192  # tokens per block of the partial/select kernels
 _CHUNK_BLOCKS = 1  # blocks per chunk: one partials program reads CHUNK = 8192 tokens of a row
 _THRESHOLD_BLOCK = 8192
-_NUM_WARPS = {"thresholds": 32, "partials": 8, "select": 8, "scan": 4, "scan_greedy": 8}
-
-
-# Greedy accept without the select launch: the one-program scan reduces the chunk partials of
-# all B * T pairs in registers (bench.accept_chunks --scan-reduces times both forms).
-_SCAN_REDUCES_GREEDY = True
+_NUM_WARPS = {"thresholds": 32, "partials": 8, "select": 8, "scan": 4}
 
 
 def _chunking(vocab: int) -> tuple[int, int, int]:
@@ -472,30 +450,25 @@ def _chunking(vocab: int) -> tuple[int, int, int]:
     return block, chunk_blocks, triton.cdiv(vocab, block * chunk_blocks)
 
 
-class _Partials(NamedTuple):
-    """What the partials pass leaves for a select (or the greedy scan) to reduce."""
-
-    threshold: torch.Tensor  # [P] int32 top-k/p key cut (chunk_max when there is none)
-    chunk_max: torch.Tensor  # [P, S] f32
-    chunk_val: torch.Tensor  # [P, S] int32 first argmax (greedy) or f32 mass (sampling)
-    rows_arg: torch.Tensor  # row_of, or an unused stand-in pointer
-
-
-def _launch_partials(
+def _sample_pairs(
     logits: torch.Tensor,
     rows: torch.Tensor | None,
     num_pairs: int,
+    uniforms: torch.Tensor | None,
+    uniform_period: int,
     temperature: float,
     top_k: int,
     top_p: float,
-) -> _Partials:
-    """[thresholds] + partials over the chunks of V for `num_pairs` pairs; pair p reads logits row
-    rows[p] (default p). The sampling arguments are normalised by `_sample_pairs`."""
+) -> torch.Tensor:
+    """Launch the sampler on `num_pairs` pairs -> tokens [P] int64; pair p reads logits row rows[p]
+    (default p) and uniforms[p % uniform_period]."""
     vocab = logits.shape[1]
     block, chunk_blocks, num_chunks = _chunking(vocab)
     key_shift = _KEY_SHIFT[logits.dtype]
     greedy = temperature == 0.0
     scale = 0.0 if greedy else _LOG2E / temperature
+    top_k = top_k if (not greedy and 0 < top_k < vocab) else 0
+    top_p = top_p if not greedy else 1.0
     has_threshold = top_k > 0 or top_p < 1.0
     has_rows = rows is not None
     device = logits.device
@@ -523,44 +496,13 @@ def _launch_partials(
         BLOCK=block, CHUNK_BLOCKS=chunk_blocks,
         num_warps=_NUM_WARPS["partials"],
     )  # fmt: skip
-    return _Partials(threshold, chunk_max, chunk_val, rows_arg)
-
-
-def _sampling_args(
-    vocab: int, temperature: float, top_k: int, top_p: float
-) -> tuple[float, int, float]:
-    """(temperature, top_k, top_p) with the cuts that change nothing switched off."""
-    greedy = temperature == 0.0
-    top_k = top_k if (not greedy and 0 < top_k < vocab) else 0
-    top_p = top_p if not greedy else 1.0
-    return temperature, top_k, top_p
-
-
-def _sample_pairs(
-    logits: torch.Tensor,
-    rows: torch.Tensor | None,
-    num_pairs: int,
-    uniforms: torch.Tensor | None,
-    uniform_period: int,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-) -> torch.Tensor:
-    """Launch the sampler on `num_pairs` pairs -> tokens [P] int64; pair p reads logits row rows[p]
-    (default p) and uniforms[p % uniform_period]."""
-    vocab = logits.shape[1]
-    temperature, top_k, top_p = _sampling_args(vocab, temperature, top_k, top_p)
-    partials = _launch_partials(logits, rows, num_pairs, temperature, top_k, top_p)
-    block, chunk_blocks, num_chunks = _chunking(vocab)
-    greedy = temperature == 0.0
-    tokens = torch.empty(num_pairs, dtype=torch.int64, device=logits.device)
+    tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)
     _select_kernel[(num_pairs,)](
-        logits, partials.rows_arg, partials.threshold, partials.chunk_max, partials.chunk_val,
-        partials.chunk_val, uniforms if uniforms is not None else partials.chunk_max, tokens,
-        vocab, num_chunks, uniform_period, 0.0 if greedy else _LOG2E / temperature,
+        logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,
+        uniforms if uniforms is not None else chunk_max, tokens,
+        vocab, num_chunks, uniform_period, scale,
         logits.stride(0),
-        HAS_ROWS=rows is not None, HAS_THRESHOLD=top_k > 0 or top_p < 1.0, GREEDY=greedy,
-        KEY_SHIFT=_KEY_SHIFT[logits.dtype],
+        HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy, KEY_SHIFT=key_shift,
         BLOCK=block, CHUNK_BLOCKS=chunk_blocks, BLOCK_S=triton.next_power_of_2(num_chunks),
         num_warps=_NUM_WARPS["select"],
     )  # fmt: skip
@@ -649,16 +591,7 @@ def _accept_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     num_branches, depth = cand_tokens.shape
     num_pairs = num_branches * depth
-    greedy = temperature == 0.0 and _SCAN_REDUCES_GREEDY
-    if greedy:  # the scan reduces the chunk partials itself: one launch fewer (no select)
-        partials = _launch_partials(logits, row_of, num_pairs, 0.0, 0, 1.0)
-        tokens, chunk_max, chunk_argmax = partials.chunk_max, partials.chunk_max, partials.chunk_val
-    else:
-        tokens = _sample_pairs(
-            logits, row_of, num_pairs, uniforms, depth, temperature, top_k, top_p
-        )
-        chunk_max = chunk_argmax = tokens  # unused pointers
-    num_chunks = _chunking(logits.shape[1])[2]
+    tokens = _sample_pairs(logits, row_of, num_pairs, uniforms, depth, temperature, top_k, top_p)
     device = logits.device
     num_accepted = torch.empty(1, dtype=torch.int32, device=device)
     bonus = torch.empty(1, dtype=torch.int64, device=device)
@@ -667,13 +600,12 @@ def _accept_op(
     out_tokens = torch.empty(depth, dtype=torch.int64, device=device)
     target_tokens = torch.empty(num_branches, depth, dtype=torch.int64, device=device)
     _accept_scan_kernel[(1,)](
-        cand_tokens, row_of if row_of is not None else cand_tokens, tokens, chunk_max,
-        chunk_argmax, num_accepted, bonus, branch, path_rows, out_tokens, target_tokens,
-        num_branches, depth, num_chunks,
-        HAS_ROWS=row_of is not None, FROM_PARTIALS=greedy,
+        cand_tokens, row_of if row_of is not None else cand_tokens, tokens,
+        num_accepted, bonus, branch, path_rows, out_tokens, target_tokens,
+        num_branches, depth,
+        HAS_ROWS=row_of is not None,
         BLOCK_B=triton.next_power_of_2(num_branches), BLOCK_T=triton.next_power_of_2(depth),
-        BLOCK_S=triton.next_power_of_2(num_chunks) if greedy else 1,
-        num_warps=_NUM_WARPS["scan_greedy" if greedy else "scan"],
+        num_warps=_NUM_WARPS["scan"],
     )  # fmt: skip
     return num_accepted, bonus, branch, path_rows, out_tokens, target_tokens
 

@@ -3,12 +3,13 @@
 ```
 commit(k_local, v_local [layers, R, Hkv, D], k_cache, v_cache [layers, max_len, Hkv, D],
        rows int32/int64 [T], cache_len int32 [1], num_new int32 [1],
-       hidden_src=None [R, Hh], hidden_dst=None [T, Hh]) -> None
+       hidden_src=None [R, Hh], hidden_dst=None [T, Hh], advance=True) -> None
 ```
 For d = 0 .. T-1 and every layer l:
     k_cache[l, cache_len + d] = k_local[l, rows[d]]     (same for v)
     hidden_dst[d]             = hidden_src[rows[d]]
-then cache_len += num_new.
+then cache_len += num_new (with advance=False the caller advances it: the decode loop's
+`kernels.emit` does, beside its other counters, which saves the add's launch).
 
 * A fixed T rows are copied (`rows` = `Accept.path_rows`: the accepted path, then the rest of the
   chosen branch), so the launch has a static shape; rows d >= num_new land past the new cache_len,
@@ -99,6 +100,7 @@ def _commit_op(
     num_new: torch.Tensor,
     hidden_src: torch.Tensor | None,
     hidden_dst: torch.Tensor | None,
+    advance: bool,
 ) -> None:
     num_layers, max_len, num_kv_heads, head_dim = k_cache.shape
     row_size = num_kv_heads * head_dim
@@ -119,12 +121,14 @@ def _commit_op(
         BLOCK=min(_MAX_BLOCK, triton.next_power_of_2(max(row_size, hidden_size))),
         num_warps=4,
     )  # fmt: skip
-    # after the copy launch (same stream): the copy programs all read the old cache_len
-    cache_len.add_(num_new)
+    if advance:  # after the copy launch (same stream): the copy programs all read the old length
+        cache_len.add_(num_new)
 
 
 @_commit_op.register_fake
-def _(k_local, v_local, k_cache, v_cache, rows, cache_len, num_new, hidden_src, hidden_dst):
+def _(
+    k_local, v_local, k_cache, v_cache, rows, cache_len, num_new, hidden_src, hidden_dst, advance
+):
     return None
 
 
@@ -138,9 +142,12 @@ def commit(
     num_new: torch.Tensor,
     hidden_src: torch.Tensor | None = None,
     hidden_dst: torch.Tensor | None = None,
+    *,
+    advance: bool = True,
 ) -> None:
     """Copy local K/V rows `rows` [T] of every layer to cache rows cache_len .. cache_len + T - 1
-    (skipping rows >= max_len), hidden_dst[d] = hidden_src[rows[d]], then cache_len += num_new.
+    (skipping rows >= max_len), hidden_dst[d] = hidden_src[rows[d]], then cache_len += num_new
+    (unless advance is False: the caller advances it, after this launch).
 
     k_local, v_local [layers, R, Hkv, D]; k_cache, v_cache [layers, max_len, Hkv, D] (one dtype);
     rows int32/int64 [T]; cache_len, num_new int32 [1]; hidden_src [R, Hh], hidden_dst [T, Hh].
@@ -161,7 +168,10 @@ def commit(
         assert hidden_src.dim() == 2 and hidden_dst.shape == (rows.shape[0], hidden_src.shape[1])
         assert hidden_src.dtype == hidden_dst.dtype, "hidden_src / hidden_dst: one dtype"
         assert hidden_src.stride(1) == 1 and hidden_dst.stride(1) == 1, "hidden: unit last stride"
-    _commit_op(k_local, v_local, k_cache, v_cache, rows, cache_len, num_new, hidden_src, hidden_dst)
+    _commit_op(
+        k_local, v_local, k_cache, v_cache, rows, cache_len, num_new, hidden_src, hidden_dst,
+        advance,
+    )  # fmt: skip
 
 
 def commit_ref(
@@ -174,6 +184,8 @@ def commit_ref(
     num_new: torch.Tensor,
     hidden_src: torch.Tensor | None = None,
     hidden_dst: torch.Tensor | None = None,
+    *,
+    advance: bool = True,
 ) -> None:
     """Reference of `commit` in torch (no host sync, so it graph-captures as well)."""
     max_len = k_cache.shape[1]
@@ -196,4 +208,5 @@ def commit_ref(
         cache.index_copy_(1, torch.where(in_range, dst, last), value)
     if hidden_src is not None:
         hidden_dst.copy_(hidden_src[rows])
-    cache_len.add_(num_new)
+    if advance:
+        cache_len.add_(num_new)

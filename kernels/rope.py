@@ -7,7 +7,13 @@ rope_qk(q [..., T, Hq, D], k [..., T, Hkv, D], cos, sin [..., T, D / 2] float32,
 rope_qk_store(q, k, v [..., T, Hkv, D], cos, sin, k_out, v_out [..., T, Hkv, D] (contiguous),
               q_norm_weight=None, k_norm_weight=None, eps=1e-6)
     -> q_out                                            (k_out <- rotated k, v_out <- v)
+rope_tables(positions [...] int32/int64, inv_freq [D / 2] float32, attention_scaling=1.0)
+    -> cos, sin [..., D / 2] float32 (new, contiguous)
 ```
+`rope_tables` is the model's table step (`Rope.forward`) in one launch instead of torch's three
+(multiply, cos, sin; five with a scaling): `f = float32(position) * inv_freq`, `cos(f) * scaling`,
+`sin(f) * scaling`, each op rounded once in float32 as torch does it (Triton's cos/sin are
+libdevice's cosf/sinf, which torch's CUDA kernels call too).
 `rope_qk_store` is the decode loop's form: it writes the rotated keys and the values straight into
 the cache's local rows, so that a decoder block spends no separate copy launches on them.
 For every head vector x [D] of q and of k (its weight w the q or the k norm weight):
@@ -36,6 +42,7 @@ Layouts:
   leading shape is q's leading shape [..., T], or a suffix of it after leading 1s (e.g. [1, T] or
   [T] for q [B, T, Hq, D]: the same positions for every batch row). Row n of q uses cos row
   n % cos_rows, which is exactly that broadcast.
+* q may have no heads (Hq = 0): `d2sd.models.layers.write_kv` rotates and stores k and v alone.
 * weights: [D] contiguous, q's dtype; both None (Llama, Qwen2) or both given (Qwen3).
 * D: a power of two in [16, 256] (each half is one tl.arange block).
 
@@ -44,6 +51,8 @@ head h - Hq of k; with `rope_qk_store`, programs h >= Hq + Hkv copy head h - Hq 
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -152,7 +161,7 @@ def _head_rows(x: torch.Tensor, name: str) -> torch.Tensor:
         f"{name}: the [H, D] tail must be contiguous, got strides {x.stride()}"
     )
     try:
-        return x.view(-1, num_heads, head_dim)
+        return x.view(math.prod(x.shape[:-2]), num_heads, head_dim)  # (-1 is ambiguous at H = 0)
     except RuntimeError as err:
         raise AssertionError(
             f"{name}: leading dims of {tuple(x.shape)} (strides {x.stride()}) must flatten to one "
@@ -399,3 +408,106 @@ def rope_qk_store_ref(
     k_out.copy_(k_rotated)
     v_out.copy_(v)
     return q_out
+
+
+# ----------------------------------------------------------------------------------------------
+# The tables: positions -> (cos, sin)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["num_rows", "seq_len", "stride_pb", "stride_pt", "scaling"])
+def _rope_tables_kernel(
+    positions_ptr,  # [num_rows // seq_len, seq_len] int32/int64 (any strides)
+    inv_freq_ptr,  # [half] float32
+    cos_ptr,  # [num_rows, half] float32 out
+    sin_ptr,
+    num_rows,
+    seq_len,
+    stride_pb,
+    stride_pt,
+    scaling,
+    HALF: tl.constexpr,
+    SCALED: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < num_rows
+    cols = tl.arange(0, HALF)
+    pos_offs = (rows // seq_len).to(tl.int64) * stride_pb + (rows % seq_len) * stride_pt
+    position = tl.load(positions_ptr + pos_offs, mask=row_ok, other=0).to(tl.float32)
+    freqs = position[:, None] * tl.load(inv_freq_ptr + cols)[None, :]
+    cos = tl.cos(freqs)
+    sin = tl.sin(freqs)
+    if SCALED:
+        cos = cos * scaling
+        sin = sin * scaling
+    out = rows[:, None].to(tl.int64) * HALF + cols[None, :]
+    tl.store(cos_ptr + out, cos, mask=row_ok[:, None])
+    tl.store(sin_ptr + out, sin, mask=row_ok[:, None])
+
+
+def _rope_tables_impl(
+    positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    half = inv_freq.shape[0]
+    cos = torch.empty(*positions.shape, half, dtype=torch.float32, device=positions.device)
+    sin = torch.empty_like(cos)
+    grid_2d = positions.reshape(1, -1) if positions.dim() < 2 else positions  # [rows, T] views
+    num_rows = grid_2d.numel()
+    if num_rows == 0:
+        return cos, sin
+    block_r = max(1, min(64, 2048 // half))
+    _rope_tables_kernel[(triton.cdiv(num_rows, block_r),)](
+        grid_2d, inv_freq, cos, sin,
+        num_rows, grid_2d.shape[1], *grid_2d.stride(), float(attention_scaling),
+        HALF=half, SCALED=attention_scaling != 1.0, BLOCK_R=block_r,
+        num_warps=1, enable_fp_fusion=False,
+    )  # fmt: skip
+    return cos, sin
+
+
+_rope_tables_op = torch.library.custom_op(
+    "d2sd::rope_tables",
+    _rope_tables_impl,
+    mutates_args=(),
+    schema="(Tensor positions, Tensor inv_freq, float attention_scaling) -> (Tensor, Tensor)",
+)
+
+
+@_rope_tables_op.register_fake
+def _(positions, inv_freq, attention_scaling):
+    shape = (*positions.shape, inv_freq.shape[0])
+    return positions.new_empty(shape, dtype=torch.float32), positions.new_empty(
+        shape, dtype=torch.float32
+    )
+
+
+def rope_tables(
+    positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RoPE tables of `positions` [...] (int32/int64, any strides, e.g. an expanded [B, T]) for
+    frequencies inv_freq [D / 2] float32 (D / 2 a power of two): cos, sin [..., D / 2] float32,
+    new and contiguous, in one launch (module docstring)."""
+    assert positions.dtype in (torch.int32, torch.int64), f"positions: int, got {positions.dtype}"
+    assert inv_freq.dim() == 1 and inv_freq.dtype == torch.float32 and inv_freq.is_contiguous()
+    half = inv_freq.shape[0]
+    assert half >= 1 and half & (half - 1) == 0, f"D / 2 = {half} must be a power of two"
+    assert inv_freq.device == positions.device, "positions and inv_freq on different devices"
+    shape = (*positions.shape, half)
+    if positions.dim() > 2:  # the kernel walks [rows, T] with two strides
+        positions = positions.reshape(-1, positions.shape[-1])
+    cos, sin = call_op(
+        _rope_tables_op, _rope_tables_impl, positions, inv_freq, float(attention_scaling)
+    )
+    return cos.view(shape), sin.view(shape)
+
+
+def rope_tables_ref(
+    positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference of `rope_tables` in torch ops (the three or five launches it replaces)."""
+    freqs = positions[..., None] * inv_freq
+    cos, sin = freqs.cos(), freqs.sin()
+    if attention_scaling == 1.0:
+        return cos, sin
+    return cos * attention_scaling, sin * attention_scaling

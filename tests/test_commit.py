@@ -141,6 +141,17 @@ def test_cache_len_advances_after_the_copy() -> None:
     assert int(case["cache_len"]) == 4 + 3 + 3
 
 
+@pytest.mark.parametrize("fn", [commit, commit_ref], ids=["kernel", "ref"])
+def test_advance_false_leaves_the_length(fn) -> None:
+    # the decode loop's form: emit advances cache_len after this launch
+    case = make_case(2, 3, 64, 6, 32, 4, 3, hidden=16)
+    expected = loop_expectation(case)
+    fn(**case, advance=False)
+    assert int(case["cache_len"]) == 4
+    case["cache_len"] += case["num_new"]  # what emit does
+    assert_cases_equal(case, expected)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: real cache shapes in bf16, CUDA graphs
 # ---------------------------------------------------------------------------------------------

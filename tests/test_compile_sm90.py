@@ -27,7 +27,7 @@ def _variants():
     from kernels.emit import _emit_kernel
     from kernels.prefix_attention import _prefix_split_kernel
     from kernels.rms_norm import _rms_norm_kernel
-    from kernels.rope import _rope_qk_kernel
+    from kernels.rope import _rope_qk_kernel, _rope_tables_kernel
     from kernels.silu_mul import _silu_mul_kernel
 
     for dtype in DTYPES:
@@ -45,8 +45,18 @@ def _variants():
         yield _silu_mul_kernel, signature, {"BLOCK": 1024}, {}
         emit_signature = {"tokens_ptr": "*i64", "num_new_ptr": "*i32", "out_tokens_ptr": "*i64"}
         emit_signature |= {"out_len_ptr": "*i32", "cycle_ptr": "*i32", "report_ptr": "*i64"}
-        emit_signature |= {"length": "i32", "capacity": "i32"}
-        yield _emit_kernel, emit_signature, {"BLOCK": 16}, {"num_warps": 1}
+        emit_signature |= {"anchor_ptr": "*i64", "cache_len_ptr": "*i32"}
+        emit_signature |= {"ctx_positions_ptr": "*i64", "ctx_num_valid_ptr": "*i32"}
+        emit_signature |= {"length": "i32", "capacity": "i32", "num_positions": "i32"}
+        for has_cache, has_context in ((False, False), (True, False), (True, True)):
+            const = {"HAS_CACHE": has_cache, "HAS_CONTEXT": has_context, "BLOCK": 16}
+            yield _emit_kernel, emit_signature, const | {"BLOCK_P": 16}, {"num_warps": 1}
+        for half, scaled in ((32, False), (64, True)):
+            signature = {"positions_ptr": "*i64", "inv_freq_ptr": "*fp32", "cos_ptr": "*fp32"}
+            signature |= {"sin_ptr": "*fp32", "num_rows": "i32", "seq_len": "i32"}
+            signature |= {"stride_pb": "i64", "stride_pt": "i64", "scaling": "fp32"}
+            const = {"HALF": half, "SCALED": scaled, "BLOCK_R": 32}
+            yield _rope_tables_kernel, signature, const, {"num_warps": 1, "enable_fp_fusion": False}
         for head_dim in (64, 128):
             for has_norm in (False, True):
                 for has_v in (False, True):
@@ -134,7 +144,7 @@ def test_decoder_block_kernels_compile_for_sm90() -> None:
         [sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ok ") == len(DTYPES) * (6 + 1 + 1 + 8 + 6 + 6), proc.stdout
+    assert proc.stdout.count("ok ") == len(DTYPES) * (6 + 1 + 3 + 2 + 8 + 6 + 6), proc.stdout
 
 
 if __name__ == "__main__":

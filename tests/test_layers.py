@@ -22,6 +22,8 @@ from d2sd.models.layers import (
     fused_decoder_layer,
     fused_linear,
     module_decoder_layer,
+    project_kv,
+    write_kv,
 )
 from tests.conftest import interpreting
 from tests.tiny_models import tiny_hf_model
@@ -75,6 +77,26 @@ def test_fused_block_on_the_kernels_equals_hf_modules(family: str) -> None:
     with torch.no_grad(), ops.cpu_kernels():
         fused = fused_decoder_layer(layer, x, cos, sin, _attend, spec.block)
     torch.testing.assert_close(fused, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", [False, True], ids=["refs", "kernels"])
+@pytest.mark.parametrize("family", DENSE)
+def test_write_kv_equals_project_kv(family: str, kernels: bool) -> None:
+    # a drafter's context K/V: one k|v GEMM over the fused stack + rope_qk_store without q heads
+    if kernels and not interpreting():
+        pytest.skip("needs TRITON_INTERPRET=1 (the kernels on the CPU)")
+    hf, spec, rope = _block(family, seed=4)
+    x, cos, sin = _inputs(hf, spec, rope, batch=1, tokens=6)
+    x, cos, sin = x[0], cos[0], sin[0]  # context rows [T, H], tables [T, D / 2]
+    attn = hf.model.layers[0].self_attn
+    k_ref, v_ref = (t.detach() for t in project_kv(attn, x, cos, sin, spec.block))
+    k_out = torch.full_like(k_ref, float("nan"))
+    v_out = torch.full_like(v_ref, float("nan"))
+    with torch.no_grad(), ops.cpu_kernels(kernels):
+        write_kv(attn, x, cos, sin, spec.block, k_out, v_out)
+    # fp32: the stacked GEMM may reduce in another order; the norm's statistics likewise
+    torch.testing.assert_close(k_out, k_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(v_out, v_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_decoder_layer_picks_the_path() -> None:

@@ -28,6 +28,13 @@
 #                                           (GPU0) || bench.accept_chunks, bench.kernels accept,
 #                                           the 8B cycle (GPU1)
 #   call s6                                 = s4
+# Then (fewer launches per step: bf16 logits, one-launch RoPE tables, context K/V in 2 launches a
+# layer, the counters advanced by emit):
+#   call s7 carry [".device", ".device-ga"] emit/commit/rope/layer and the system GPU tests (GPU0)
+#                                           || the SmolLM2-shape cycle with kernel profiles, the
+#                                           8B cycle (GPU1)
+#   call s8 carry [".device-gb"]            d2sd.run triton, then torch (GPU0) || the real-target
+#                                           pytest, then d2sd.run flashinfer (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -44,7 +51,7 @@
 # (~2 min each); its full 60-shape run then takes ~140 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4|s5|s6}
+call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4|s5|s6|s7|s8}
 out=${OUT:-gpu-out}
 work="$out/w"
 mkdir -p "$work" /root/stash
@@ -158,8 +165,33 @@ case "$call" in
       run_on 1 100 gpu1-cycle8b.log python3 -m bench.cycle_8b --backends triton --out-dir "$work") &
     wait
     ;;
+  s7)
+    cp .device-ga/part_a /root/stash/
+    python3 tools/flashinfer_warm.py > "$work/flashinfer-warm.log" 2>&1 &
+    run_on 0 420 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_emit.py tests/test_commit.py tests/test_rope_tables.py tests/test_rope.py \
+      tests/test_layers.py tests/test_graphs.py tests/test_generate.py tests/test_lossless.py \
+      tests/test_models.py tests/test_drafter.py tests/test_attention_backends.py \
+      tests/test_run_cli.py &
+    (run_on 1 200 gpu1-cycle-smollm2.log python3 -m bench.cycle_8b --shape smollm2 \
+        --backends triton --profile ar,d2sd --out-dir "$work"
+      run_on 1 200 gpu1-cycle8b.log python3 -m bench.cycle_8b --backends triton --out-dir "$work") &
+    wait
+    ;;
+  s8)
+    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+    (for backend in triton torch; do
+      D2SD_DEFAULT_GGUF=$gguf run_on 0 200 "gpu0-run-$backend.log" python3 -m d2sd.run \
+        --backend "$backend" --json "$work/run-$backend.json"
+    done) &
+    (D2SD_DEFAULT_GGUF=$gguf run_on 1 240 gpu1-e2e-tests.log python3 -m pytest -m gpu -q \
+        -p no:cacheprovider -k smollm2 tests/
+      D2SD_DEFAULT_GGUF=$gguf run_on 1 200 gpu1-run-flashinfer.log python3 -m d2sd.run \
+        --backend flashinfer --json "$work/run-flashinfer.json") &
+    wait
+    ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s5; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s8; s6 is s4 again)" >&2
     exit 2
     ;;
 esac

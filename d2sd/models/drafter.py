@@ -39,10 +39,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from d2sd import ops
 from d2sd.attention import AttentionBackend, get_backend
 from d2sd.errors import D2SDError
 from d2sd.models.cache import Cache
-from d2sd.models.layers import Rope, apply_norm, decoder_layer, project_kv
+from d2sd.models.layers import Rope, apply_norm, decoder_layer, project_kv, write_kv
 from d2sd.models.spec import BlockSpec
 
 CONFIG_NAME = "config.json"
@@ -434,8 +435,20 @@ class DFlashDrafter(nn.Module):
         """
         ctx = self.project_context(ctx_hidden)
         cos, sin = self.rope(positions)
-        rows = cache.cache_len.long() + torch.arange(ctx.shape[0], device=ctx.device)
         block = self.config.block
+        num_rows = ctx.shape[0]
+        if block.fused_block and not torch.is_grad_enabled() and num_rows <= cache.local_rows:
+            # each layer's K/V into the local rows (2 launches), then one commit for every layer
+            kv_shape = (1, num_rows, block.num_kv_heads, block.head_dim)
+            for index, layer in enumerate(self.layers):
+                k_out, v_out = cache.local_kv(index, kv_shape)
+                write_kv(layer.self_attn, ctx, cos, sin, block, k_out[0], v_out[0])
+            ops.commit(
+                cache.k_local, cache.v_local, cache.k_cache, cache.v_cache,
+                ops.constant(ctx.device, "arange", num_rows), cache.cache_len, num_valid,
+            )  # fmt: skip
+            return
+        rows = cache.cache_len.long() + torch.arange(num_rows, device=ctx.device)
         for index, layer in enumerate(self.layers):
             k, v = project_kv(layer.self_attn, ctx, cos, sin, block)
             cache.k_cache[index].index_copy_(0, rows, k.to(cache.k_cache.dtype))
@@ -474,8 +487,9 @@ class DFlashDrafter(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, cache: Cache
     ) -> torch.Tensor:
-        """Blocks input_ids [B, gamma] at positions [B, gamma] -> logits [B, gamma, V] float32."""
-        return self.logits(self.forward_hidden(input_ids, positions, cache))
+        """Blocks input_ids [B, gamma] at positions [B, gamma] -> logits [B, gamma, V] in the model
+        dtype (the selection kernels and argmax read it exactly; no float32 copy in a step)."""
+        return self._head(self.forward_hidden(input_ids, positions, cache))
 
     # -- training path ---------------------------------------------------------------------------
 
@@ -508,9 +522,12 @@ class DFlashDrafter(nn.Module):
             x = decoder_layer(layer, x, cos, sin, attend_layer, block)
         return x
 
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._lm_head(apply_norm(self.norm, hidden, self.config.block))
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., H] -> logits [..., V] float32 (final norm, then the target's lm_head)."""
-        return self._lm_head(apply_norm(self.norm, hidden, self.config.block)).float()
+        return self._head(hidden).float()
 
 
 def _validate(config: DFlashConfig, target) -> None:

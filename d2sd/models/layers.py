@@ -60,13 +60,11 @@ class Rope(nn.Module):
         return self
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # integer positions (int32 or int64) times float32 frequencies promote to float32 in the
-        # multiply itself (exact up to 2^24; one launch, no conversion)
-        freqs = positions[..., None] * self.inv_freq.to(positions.device)
-        cos, sin = freqs.cos(), freqs.sin()
-        if self.attention_scaling == 1.0:  # two launches fewer per decode step
-            return cos, sin
-        return cos * self.attention_scaling, sin * self.attention_scaling
+        # integer positions (int32 or int64) promote to float32 in the multiply by the frequencies
+        # (exact up to 2^24); on CUDA kernels.rope_tables does it all in one launch
+        inv_freq = self.inv_freq.to(positions.device)
+        tables = ops.kernel_or_reference("rope_tables", positions.device)
+        return tables(positions, inv_freq, self.attention_scaling)
 
 
 def project_kv(
@@ -173,6 +171,30 @@ def fused_decoder_layer(
     # h is this block's own fresh sum: the GEMM accumulates into it (one launch, no add)
     rows = h.view(-1, h.shape[-1])
     return rows.addmm_(act.view(-1, act.shape[-1]), mlp.down_proj.weight.t()).view(h.shape)
+
+
+def write_kv(
+    attn: nn.Module,
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    spec: BlockSpec,
+    k_out: torch.Tensor,
+    v_out: torch.Tensor,
+) -> None:
+    """`project_kv`'s k (normed, rotated) and v of x [..., T, hidden] written into k_out, v_out
+    [..., T, Hkv, D] (contiguous; a cache's local rows) in 2 launches: one k|v GEMM over a view of
+    the block's fused q|k|v weight (`fused_linear`, the same stack the fused block uses) and one
+    `rope_qk_store` with no query heads. HF's modules take ~15 here (Qwen3). Inference only, dense
+    families (`spec.fused_block`); kernels on CUDA, references on the CPU (d2sd.ops)."""
+    weight, bias = fused_linear(attn, ("q_proj", "k_proj", "v_proj"))
+    q_width = spec.num_heads * spec.head_dim
+    kv = nn.functional.linear(x, weight[q_width:], None if bias is None else bias[q_width:])
+    k, v = kv.unflatten(-1, (2 * spec.num_kv_heads, spec.head_dim)).chunk(2, dim=-2)
+    norms = (attn.k_norm.weight, attn.k_norm.weight) if spec.qk_norm else (None, None)
+    eps = attn.k_norm.variance_epsilon if spec.qk_norm else 1e-6
+    rope_store = ops.kernel_or_reference("rope_qk_store", x.device)
+    rope_store(k[..., :0, :], k, v, cos, sin, k_out, v_out, *norms, eps)  # no query heads
 
 
 def apply_norm(norm: nn.Module, x: torch.Tensor, spec: BlockSpec) -> torch.Tensor:

@@ -9,7 +9,7 @@ A forward over new tokens input_ids [B, T] at absolute positions [B, T]:
 - computes each layer's K/V into `cache.k_local / v_local` rows b * T + t (never the cache itself),
 - attends the shared prefix (cache rows [0, cache_len)) plus its own branch's tokens (causal, a
   tree mask, or all) via `backend.cascade`, merging the two by lse,
-- returns logits [B, T, V] float32 and the hidden-state taps [B, T, n_taps * H].
+- returns logits [B, T, V] in the model dtype and the hidden-state taps [B, T, n_taps * H].
 
 Taps (DFlash convention, checked against z-lab's `extract_context_feature`, offset = 1): tap layer
 id l is the output of decoder layer l (0-based), i.e. HF `output_hidden_states[l + 1]`; the taps of
@@ -153,8 +153,10 @@ class TargetModel(nn.Module):
         cache_len + t for causality/windows, `positions` only drive RoPE). mask: int32 [T, W] or
         [B, T, W] bit mask over the branch's own tokens (pass causal=False with it). taps: layer
         ids to tap (default `self.tap_layer_ids`).
-        Returns logits [B, T, V] float32 and taps [B, T, len(taps) * H] (model dtype; [B, T, 0]
-        without taps). Side effect: cache.k_local / v_local rows [0, B * T) hold this step's K/V.
+        Returns logits [B, T, V] and taps [B, T, len(taps) * H] ([B, T, 0] without taps), both in
+        the model dtype: the samplers read logits exactly in float32, and a float32 copy would cost
+        a launch and twice the bytes that acceptance reads. Side effect: cache.k_local / v_local
+        rows [0, B * T) hold this step's K/V.
         """
         batch, num_tokens = input_ids.shape
         rows = batch * num_tokens
@@ -195,7 +197,7 @@ class TargetModel(nn.Module):
         x = apply_norm(self.hf.model.norm, x, block)
         if last in tap_ids:
             tapped[last] = x
-        logits = self.lm_head(x).float()
+        logits = self.lm_head(x)
         if tap_ids:
             hidden = torch.cat([tapped[i] for i in tap_ids], dim=-1)
         else:
@@ -216,7 +218,7 @@ class TargetModel(nn.Module):
         Chunks of `chunk` tokens (default and maximum: cache.local_rows) are run causally against
         what is already committed, then copied into the cache; cache_len advances by P.
         Syncs with the host (reads cache_len once): call it outside captured steps.
-        Returns the last position's logits [1, V] float32 and the taps of every prompt position
+        Returns the last position's logits [1, V] (model dtype) and the taps of every prompt position
         [P, len(taps) * H].
         """
         assert input_ids.dim() == 2 and input_ids.shape[0] == 1, "prefill takes one prompt [1, P]"
