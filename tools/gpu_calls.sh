@@ -35,6 +35,9 @@
 #                                           8B cycle (GPU1)
 #   call s8 carry [".device-gb"]            d2sd.run triton, then torch (GPU0) || the real-target
 #                                           pytest, then d2sd.run flashinfer (GPU1)
+#   call s9 carry []                        after s7's profile (RoPE tables 42 us, the AR step's
+#                                           attention 11 us a layer): the RoPE-table and attention
+#                                           GPU tests (GPU0) || the SmolLM2-shape cycle (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -51,7 +54,7 @@
 # (~2 min each); its full 60-shape run then takes ~140 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4|s5|s6|s7|s8}
+call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4|s5|s6|s7|s8|s9}
 out=${OUT:-gpu-out}
 work="$out/w"
 mkdir -p "$work" /root/stash
@@ -190,8 +193,16 @@ case "$call" in
         --backend flashinfer --json "$work/run-flashinfer.json") &
     wait
     ;;
+  s9)
+    run_on 0 330 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_rope_tables.py tests/test_prefix_attention.py tests/test_cascade_attention.py \
+      tests/test_layers.py &
+    run_on 1 300 gpu1-cycle-smollm2.log python3 -m bench.cycle_8b --shape smollm2 \
+      --backends triton --prefixes 64,512,2048 --profile ar,d2sd --out-dir "$work" &
+    wait
+    ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s8; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
