@@ -21,13 +21,15 @@ not yet in the cache) at position `L`:
 7. `accept`: kernels.accept walks depth by depth with one uniform per depth (`row_of` maps
    candidates to tree nodes).
 8. `commit`: kernels.commit copies the accepted rows' K/V into the target cache and their taps into
-   the drafter's pending context, advances `cache_len`, appends the emitted tokens
-   (`t_1 .. t_a, bonus`) to the device output buffer at the device offset `out_len`, sets the next
-   anchor to the bonus and writes the host's per-cycle report `[a + 1, tokens ...]`.
+   the drafter's pending context (one launch for every layer); then kernels.emit, in one launch,
+   records those rows' positions and count for the drafters, advances `cache_len`, appends the
+   emitted tokens (`t_1 .. t_a, bonus`) to the device output buffer at the device offset
+   `out_len`, sets the next anchor to the bonus and writes the host's per-cycle report
+   `[a + 1, tokens ...]`.
 
 Every step takes tensors and the `LoopState` and runs without a host sync, so each can be captured in
 a CUDA graph (d2sd/graphs.py). Lengths and positions are device tensors; shapes are fixed per
-configuration. Positions are int64 `[B, T]`.
+configuration. Positions are int64 `[B, T]` (the AR step passes the int32 length itself).
 """
 
 from __future__ import annotations

@@ -431,7 +431,9 @@ class DFlashDrafter(nn.Module):
 
         All n rows are written at cache_len .. cache_len + n - 1 of every drafter layer (n is fixed
         so the step can be captured), then cache_len += num_valid (int32 [1]) on the device; rows
-        past the valid ones are overwritten by the next call. No host sync.
+        past the valid ones are overwritten by the next call. No host sync. At inference on a dense
+        family each layer's K/V goes into the cache's local rows (`write_kv`: 2 launches) and one
+        `commit` copies every layer's rows (HF's modules take ~25 launches a layer here).
         """
         ctx = self.project_context(ctx_hidden)
         cos, sin = self.rope(positions)
