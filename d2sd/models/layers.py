@@ -34,7 +34,8 @@ Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Rope(nn.Module):
-    """RoPE tables: positions (int64, any shape) -> (cos, sin) [..., D / 2] float32."""
+    """RoPE tables: positions (int32 or int64, any shape) -> (cos, sin) [..., D / 2] float32
+    (`kernels.rope_tables` on CUDA: one launch; its torch reference on the CPU)."""
 
     def __init__(self, inv_freq: torch.Tensor, attention_scaling: float = 1.0) -> None:
         super().__init__()
