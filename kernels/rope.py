@@ -47,7 +47,8 @@ Layouts:
 * D: a power of two in [16, 256] (each half is one tl.arange block).
 
 Launch: grid (N, Hq + Hkv [+ Hkv]); program (n, h) rotates head h of row n, of q for h < Hq, else
-head h - Hq of k; with `rope_qk_store`, programs h >= Hq + Hkv copy head h - Hq - Hkv of v. Row offsets are int64. Fixed config (launch-bound at decode sizes): one warp.
+head h - Hq of k; with `rope_qk_store`, programs h >= Hq + Hkv copy head h - Hq - Hkv of v. Row
+offsets are int64. Fixed config (launch-bound at decode sizes): one warp.
 """
 
 from __future__ import annotations
@@ -449,11 +450,11 @@ def _rope_tables_kernel(
 def _rope_tables_impl(
     positions: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    # positions [rows, T] (rope_tables flattens other shapes): the kernel walks it by two strides
     half = inv_freq.shape[0]
     cos = torch.empty(*positions.shape, half, dtype=torch.float32, device=positions.device)
     sin = torch.empty_like(cos)
-    grid_2d = positions.reshape(1, -1) if positions.dim() < 2 else positions  # [rows, T] views
-    num_rows = grid_2d.numel()
+    num_rows = positions.numel()
     if num_rows == 0:
         return cos, sin
     # a few elements per thread: libdevice's cosf/sinf are ~50 instructions each, and one warp
@@ -461,8 +462,8 @@ def _rope_tables_impl(
     # took ~8 us
     block_r = min(triton.next_power_of_2(num_rows), max(1, 128 // half))
     _rope_tables_kernel[(triton.cdiv(num_rows, block_r),)](
-        grid_2d, inv_freq, cos, sin,
-        num_rows, grid_2d.shape[1], *grid_2d.stride(), float(attention_scaling),
+        positions, inv_freq, cos, sin,
+        num_rows, positions.shape[1], *positions.stride(), float(attention_scaling),
         HALF=half, SCALED=attention_scaling != 1.0, BLOCK_R=block_r,
         num_warps=1, enable_fp_fusion=False,
     )  # fmt: skip
@@ -497,8 +498,8 @@ def rope_tables(
     assert half >= 1 and half & (half - 1) == 0, f"D / 2 = {half} must be a power of two"
     assert inv_freq.device == positions.device, "positions and inv_freq on different devices"
     shape = (*positions.shape, half)
-    if positions.dim() > 2:  # the kernel walks [rows, T] with two strides
-        positions = positions.reshape(-1, positions.shape[-1])
+    # [rows, T], a view where it can be ([T] -> [1, T]; an expanded [B, T] as it is)
+    positions = positions.reshape(1, -1) if positions.dim() < 2 else positions.flatten(0, -2)
     cos, sin = call_op(
         _rope_tables_op, _rope_tables_impl, positions, inv_freq, float(attention_scaling)
     )

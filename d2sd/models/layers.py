@@ -155,8 +155,7 @@ def fused_decoder_layer(
     q = q.unflatten(-1, (spec.num_heads, spec.head_dim))
     k = k.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
     v = v.unflatten(-1, (spec.num_kv_heads, spec.head_dim))
-    norms = (attn.q_norm.weight, attn.k_norm.weight) if spec.qk_norm else (None, None)
-    eps = attn.q_norm.variance_epsilon if spec.qk_norm else 1e-6
+    norms, eps = _qk_norms(attn, spec)
     if kv_out is None:
         q, k = ops.kernel_or_reference("rope_qk", x.device)(q, k, cos, sin, *norms, eps)
     else:
@@ -192,10 +191,19 @@ def write_kv(
     q_width = spec.num_heads * spec.head_dim
     kv = nn.functional.linear(x, weight[q_width:], None if bias is None else bias[q_width:])
     k, v = kv.unflatten(-1, (2 * spec.num_kv_heads, spec.head_dim)).chunk(2, dim=-2)
-    norms = (attn.k_norm.weight, attn.k_norm.weight) if spec.qk_norm else (None, None)
-    eps = attn.k_norm.variance_epsilon if spec.qk_norm else 1e-6
+    (_, k_norm), eps = _qk_norms(attn, spec)
     rope_store = ops.kernel_or_reference("rope_qk_store", x.device)
-    rope_store(k[..., :0, :], k, v, cos, sin, k_out, v_out, *norms, eps)  # no query heads
+    rope_store(k[..., :0, :], k, v, cos, sin, k_out, v_out, k_norm, k_norm, eps)  # no q heads
+
+
+def _qk_norms(
+    attn: nn.Module, spec: BlockSpec
+) -> tuple[tuple[torch.Tensor | None, torch.Tensor | None], float]:
+    """The rope kernels' norm arguments: ((q_norm weight, k_norm weight), eps), or
+    ((None, None), 1e-6) for a family without q/k norm."""
+    if not spec.qk_norm:
+        return (None, None), 1e-6
+    return (attn.q_norm.weight, attn.k_norm.weight), attn.q_norm.variance_epsilon
 
 
 def apply_norm(norm: nn.Module, x: torch.Tensor, spec: BlockSpec) -> torch.Tensor:
