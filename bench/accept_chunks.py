@@ -1,14 +1,18 @@
-"""How `accept`'s time depends on its vocabulary chunking: a sweep that tunes `kernels.accept`'s
-_BLOCK (tokens per block), _CHUNK_BLOCKS (blocks per partials program) and the partials kernel's
-warps.
+"""How `accept`'s time depends on its vocabulary chunking and launch shapes: a sweep that tunes
+`kernels.accept`'s _BLOCK (tokens per block), _CHUNK_BLOCKS (blocks per chunk), the partials
+pass's warps, programs per SM and pipeline stages, and the select and walk kernels' warps.
 
-The greedy and sampled paths are three launches (partials over (rows, chunks), select per row,
-the walk); the partials pass reads every candidate row once and dominates. Its grid is rows x
-ceil(V / (BLOCK * CHUNK_BLOCKS)) programs: small chunks make more than one wave of programs, large
-ones fewer loads in flight per SM. Each configuration is timed on bench_accept's shapes (B = 5,
-T = 16 / 32, V = 151936 / 49152, bf16), replayed in a CUDA graph; `current` marks the shipped one.
-The chunking changes the sampled path's float sums, consistently for AR and verification (both
+The greedy and sampled paths are three launches (partials over (rows, chunks) items, select per
+row, the walk); the partials pass reads every candidate row once and dominates. One program per
+item makes a partial last wave of programs; a few programs per SM looping over the items
+(pipelined) do not. Each configuration is timed on bench_accept's shapes (B = 5, T = 16 / 32,
+V = 151936 / 49152, bf16), replayed in a CUDA graph; `current` marks the shipped one. The chunking
+(not the grid) changes the sampled path's float sums, consistently for AR and verification (both
 depend on V only), so any row here is a lossless choice.
+
+It also splits the shipped configuration's graphed time into its kernels (torch.profiler over graph
+replays): each kernel's device time per call, and the rest of the graph's time, the gaps between
+dependent launches.
 
     python -m bench.accept_chunks [--out-dir DIR]     # CUDA only; accept_chunks-<gpu>-<date>.json
 """
@@ -31,34 +35,59 @@ from bench.bench_accept import NUM_BRANCHES
 # the module (the package binds kernels.accept to the launcher of the same name)
 accept_module = importlib.import_module("kernels.accept")
 
-CONFIGS = (  # (BLOCK, CHUNK_BLOCKS, partials warps)
-    (8192, 1, 8),
-    (8192, 1, 4),
-    (8192, 2, 8),
-    (8192, 4, 8),
-    (4096, 2, 4),
-    (4096, 4, 4),
-    (4096, 4, 8),
-    (16384, 1, 8),
-    (16384, 1, 16),
-    (2048, 4, 4),
+# (BLOCK, CHUNK_BLOCKS, partials warps, partials programs per SM (0: one per item), pipeline
+# stages, select warps, walk warps); earlier sweeps (bench/results/accept_chunks-*) found
+# CHUNK_BLOCKS > 1 slower everywhere
+CONFIGS = (
+    (8192, 1, 8, 0, 1, 8, 4),
+    (8192, 1, 4, 0, 1, 8, 4),
+    (8192, 1, 8, 2, 2, 8, 4),
+    (8192, 1, 8, 4, 2, 8, 4),
+    (8192, 1, 8, 4, 1, 8, 4),
+    (8192, 1, 8, 4, 3, 8, 4),
+    (8192, 1, 4, 4, 2, 8, 4),
+    (8192, 1, 4, 8, 2, 8, 4),
+    (8192, 1, 4, 8, 3, 8, 4),
+    (4096, 1, 4, 8, 2, 8, 4),
+    (4096, 1, 4, 16, 3, 8, 4),
+    (16384, 1, 8, 2, 2, 8, 4),
+    (16384, 1, 16, 2, 2, 8, 4),
+    (8192, 1, 8, 4, 2, 4, 4),
+    (8192, 1, 8, 4, 2, 2, 4),
+    (8192, 1, 8, 4, 2, 8, 1),
+    (8192, 1, 8, 4, 2, 8, 2),
+    (8192, 1, 8, 4, 2, 8, 8),
 )
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0)}
-COLUMNS = ("vocab", "T", "mode", "block", "chunk_blocks", "warps", "programs", "current", "us")
+KNOBS = ("block", "chunk_blocks", "warps", "per_sm", "stages", "select_warps", "scan_warps")
+COLUMNS = ("vocab", "T", "mode", *KNOBS, "current", "us")
+SPLIT_COLUMNS = ("vocab", "T", "mode", "us", "kernels_us", "gaps_us", "per_kernel")
 
 
-def _configure(block: int, chunk_blocks: int, warps: int) -> None:
+def _configure(
+    block: int, chunk_blocks: int, warps: int, per_sm: int, stages: int, select: int, scan: int
+) -> None:
     accept_module._BLOCK = block
     accept_module._CHUNK_BLOCKS = chunk_blocks
-    accept_module._NUM_WARPS["partials"] = warps
+    accept_module._NUM_WARPS.update(partials=warps, select=select, scan=scan)
+    accept_module._PARTIALS_PER_SM = per_sm
+    accept_module._PARTIALS_STAGES = stages
 
 
-def sweep() -> list[dict]:
-    shipped = (
+def _shipped() -> tuple[int, ...]:
+    return (
         accept_module._BLOCK,
         accept_module._CHUNK_BLOCKS,
         accept_module._NUM_WARPS["partials"],
+        accept_module._PARTIALS_PER_SM,
+        accept_module._PARTIALS_STAGES,
+        accept_module._NUM_WARPS["select"],
+        accept_module._NUM_WARPS["scan"],
     )
+
+
+def sweep() -> list[dict]:
+    shipped = _shipped()
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     try:
@@ -71,7 +100,6 @@ def sweep() -> list[dict]:
                 uniforms = torch.rand(depth, device="cuda", generator=gen)
                 for config in CONFIGS:
                     _configure(*config)
-                    chunks = accept_module._chunking(vocab)[2]
                     for mode, warpers in MODES.items():
 
                         def call(cand=cand, logits=logits, uniforms=uniforms, warpers=warpers):
@@ -80,13 +108,56 @@ def sweep() -> list[dict]:
                         call()  # compile outside the timing
                         rows.append({
                             "vocab": vocab, "T": depth, "mode": mode,
-                            "block": config[0], "chunk_blocks": config[1], "warps": config[2],
-                            "programs": num_rows * chunks,
+                            **dict(zip(KNOBS, config)),
                             "current": "*" if config == shipped else "",
                             "us": time_us(call, cuda_graph=True, rep_ms=30)["us"],
                         })  # fmt: skip
     finally:
         _configure(*shipped)
+    return rows
+
+
+def kernel_split(replays: int = 200) -> list[dict]:
+    """The shipped configuration's graphed time per shape and mode, split into its kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    for vocab in (151936, 49152):
+        for depth in (16, 32):
+            num_rows = NUM_BRANCHES * depth
+            logits = torch.randn(num_rows, vocab, device="cuda", generator=gen).to(torch.bfloat16)
+            cand = torch.randint(0, 3, (NUM_BRANCHES, depth), device="cuda", generator=gen)
+            uniforms = torch.rand(depth, device="cuda", generator=gen)
+            for mode, warpers in MODES.items():
+
+                def call(cand=cand, logits=logits, uniforms=uniforms, warpers=warpers):
+                    return accept_module.accept(cand, logits, uniforms=uniforms, **warpers)
+
+                call()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    call()
+                graph.replay()
+                torch.cuda.synchronize()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(replays):
+                        graph.replay()
+                    torch.cuda.synchronize()
+                per_kernel = {
+                    event.key.removeprefix("_").removesuffix("_kernel")[:24]: round(
+                        event.self_device_time_total / replays, 2
+                    )
+                    for event in prof.key_averages()
+                    if event.self_device_time_total > 0
+                }
+                graphed = time_us(call, cuda_graph=True, rep_ms=30)["us"]
+                kernels_us = sum(per_kernel.values())
+                rows.append({
+                    "vocab": vocab, "T": depth, "mode": mode, "us": graphed,
+                    "kernels_us": kernels_us, "gaps_us": graphed - kernels_us,
+                    "per_kernel": per_kernel,
+                })  # fmt: skip
     return rows
 
 
@@ -96,7 +167,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rows = sweep()
     print_table("accept per vocabulary chunking (bf16, B = 5, CUDA graph)", rows, COLUMNS)
-    path = write_results("accept_chunks", {"rows": rows}, args.out_dir)
+    split = kernel_split()
+    print_table("accept's graphed time per kernel (shipped configuration)", split, SPLIT_COLUMNS)
+    path = write_results("accept_chunks", {"rows": rows, "kernel_split": split}, args.out_dir)
     print(f"\nwrote {path}")
     return 0
 

@@ -35,9 +35,10 @@ How the kernels find it (no sort, no materialised vocabulary; every pass is over
   top-p cuts are both "key >= threshold", found exactly by bisection on the key: top-k counts
   tokens, top-p sums weights (one pass over V per step, ~16 steps for bf16). This is the slow
   path (`_thresholds_kernel`, one program per row) and runs only when top_k / top_p are set.
-* `_partials_kernel`, grid (rows, chunks of CHUNK = BLOCK * CHUNK_BLOCKS tokens): greedy writes
-  each chunk's max and first argmax; sampling writes each chunk's max m_c of the kept logits and
-  sum_c exp2((x - m_c) * log2(e) / temperature) over the kept tokens.
+* `_partials_kernel`, items (rows, chunks of CHUNK = BLOCK * CHUNK_BLOCKS tokens) looped over by a
+  few programs per SM: greedy writes each chunk's max and first argmax; sampling writes each
+  chunk's max m_c of the kept logits and sum_c exp2((x - m_c) * log2(e) / temperature) over the
+  kept tokens.
 * `_select_kernel`, grid (rows,): greedy reduces the chunk partials (ties to the first chunk);
   sampling rescales the chunk masses to the row max, locates u * W in their inclusive prefix sum,
   and scans only that chunk (block cumsums) for the token.
@@ -58,10 +59,10 @@ path_rows[t] = row_of[branch, t] for every t < T (rows past a continue along the
 `commit` can copy a fixed T rows), target_tokens = every pair's target (debugging, tests).
 Launches: [thresholds] + partials + select give target_tokens (greedy too: when the one-program
 walk reduced the greedy chunk partials itself, greedy accept was slower than sampled accept), then
-`_accept_scan_kernel` (one program) does the walk without a loop over depths: alive branches at
-depth t are exactly those agreeing with f(t) on drafts 1..t, so it tabulates, for every possible
-(f, t), the next first-alive branch, then jumps from one first-alive branch to the next (at most
-B jumps, all in registers).
+`_accept_scan_kernel` (one program) does the walk with no loop at all: the branches alive at depth
+t are exactly those whose drafts 1..t equal f(t)'s, so every branch b can check at once, at every
+depth, its draft against the target of the first branch sharing its drafts so far; a branch's walk
+stops at its first mismatch, a is the deepest stop and f(a) the smallest branch stopping there.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from kernels._attention import num_sms
 
 # ----------------------------------------------------------------------------------------------
 # The sampling math, written once (jit helpers shared by every kernel below)
@@ -222,6 +225,7 @@ def _partials_kernel(
     # sizes and scalars
     vocab,
     num_chunks,
+    num_items,  # P * S
     scale,
     # strides
     stride_row,
@@ -232,40 +236,50 @@ def _partials_kernel(
     KEY_SHIFT: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK_BLOCKS: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
-    pair = tl.program_id(0)
-    chunk = tl.program_id(1)
-    row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
-    threshold = 0
-    if HAS_THRESHOLD:
-        threshold = tl.load(threshold_ptr + pair)
-    offs = tl.arange(0, BLOCK)
-    first = chunk * (BLOCK * CHUNK_BLOCKS)
-    run_max = float("-inf")
-    run_argmax = first
-    run_mass = 0.0
-    for i in tl.static_range(CHUNK_BLOCKS):
-        idx = first + i * BLOCK + offs
-        x, kept = _kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD, KEY_SHIFT)
-        block_max = tl.max(x, axis=0)
+    # Work items are (pair, chunk) in pair-major order. Each program takes every
+    # num_programs-th item: with a grid of a few programs per SM (`_partials_grid`) the pipelined
+    # loop keeps the next item's loads in flight while this one reduces, and no partial last wave
+    # of programs idles most of the GPU. The items, hence every float sum, are the same whatever
+    # the grid.
+    for item in tl.range(tl.program_id(0), num_items, tl.num_programs(0), num_stages=NUM_STAGES):
+        pair = item // num_chunks
+        chunk = item - pair * num_chunks
+        row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
+        threshold = 0
+        if HAS_THRESHOLD:
+            threshold = tl.load(threshold_ptr + pair)
+        offs = tl.arange(0, BLOCK)
+        first = chunk * (BLOCK * CHUNK_BLOCKS)
+        run_max = float("-inf")
+        run_argmax = first
+        run_mass = 0.0
+        for i in tl.static_range(CHUNK_BLOCKS):
+            idx = first + i * BLOCK + offs
+            x, kept = _kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD, KEY_SHIFT)
+            if GREEDY:
+                # one (value, index) reduction, ties to the smaller index
+                block_max, block_argmax = tl.max(
+                    x, axis=0, return_indices=True, return_indices_tie_break_left=True
+                )
+                # strict: an earlier block keeps a tie
+                block_argmax += first + i * BLOCK
+                run_argmax = tl.where(block_max > run_max, block_argmax, run_argmax)
+                run_max = tl.maximum(run_max, block_max)
+            else:
+                new_max = tl.maximum(run_max, tl.max(x, axis=0))
+                # 0 while nothing is kept, so a chunk with nothing kept stays (-inf, 0) without
+                # -inf + inf
+                ref_max = tl.where(new_max > float("-inf"), new_max, 0.0)
+                run_mass = run_mass * tl.exp2((run_max - ref_max) * scale)
+                run_mass += tl.sum(_weight(x, kept, ref_max, scale), axis=0)
+                run_max = new_max
+        tl.store(chunk_max_ptr + item, run_max)
         if GREEDY:
-            block_argmax = first + i * BLOCK + tl.argmax(x, axis=0, tie_break_left=True)
-            # strict: an earlier block keeps a tie
-            run_argmax = tl.where(block_max > run_max, block_argmax, run_argmax)
-            run_max = tl.maximum(run_max, block_max)
+            tl.store(chunk_argmax_ptr + item, run_argmax)
         else:
-            new_max = tl.maximum(run_max, block_max)
-            # 0 while nothing is kept, so a chunk with nothing kept stays (-inf, 0) without -inf + inf
-            ref_max = tl.where(new_max > float("-inf"), new_max, 0.0)
-            run_mass = run_mass * tl.exp2((run_max - ref_max) * scale)
-            run_mass += tl.sum(_weight(x, kept, ref_max, scale), axis=0)
-            run_max = new_max
-    out = pair * num_chunks + chunk
-    tl.store(chunk_max_ptr + out, run_max)
-    if GREEDY:
-        tl.store(chunk_argmax_ptr + out, run_argmax)
-    else:
-        tl.store(chunk_mass_ptr + out, run_mass)
+            tl.store(chunk_mass_ptr + item, run_mass)
 
 
 @triton.jit
@@ -367,59 +381,41 @@ def _accept_scan_kernel(
     t_ok = ot < depth
     pair = ob[:, None] * depth + ot[None, :]
     pair_ok = b_ok[:, None] & t_ok[None, :]
-    # every global load up front: the walk below is a chain of dependent reductions
+    # every global load up front: what follows is a short chain of dependent reductions
     cand = tl.load(cand_ptr + pair, mask=pair_ok, other=-1)
     target = tl.load(tokens_ptr + pair, mask=pair_ok, other=-1)
-    next_ok = b_ok[None, :] & (ot + 1 < depth)[:, None]
-    next_draft = tl.load(cand_ptr + ob[None, :] * depth + ot[:, None] + 1, mask=next_ok, other=-1)
     if HAS_ROWS:
         rows = tl.load(rows_ptr + pair, mask=pair_ok, other=0).to(tl.int32)
     else:
         rows = pair
     tl.store(target_tokens_ptr + pair, target, mask=pair_ok)
 
-    # first_diff[f, b]: first depth t >= 1 where the drafts of branches f and b differ (else T).
-    # When f is the first alive branch at depth t, b is alive iff first_diff[f, b] > t.
+    # Branches alive at depth t share their drafts 1..t (each matched s_0 .. s_{t-1}), and every
+    # branch sharing them is alive: the alive set at depth t is the node of any member, and f(t)
+    # its smallest branch. So, for every branch b at once: first(b, t) = the smallest branch
+    # with b's drafts 1..t; b survives depth t iff cand[b, t + 1] == target[first(b, t), t]; b is
+    # alive at depth t iff it survived every depth before. No walk over depths.
+    # first_diff[f, b]: the first depth t >= 1 where the drafts of branches f and b differ (else T)
     differ = (cand[:, None, :] != cand[None, :, :]) & (ot >= 1)[None, None, :] & t_ok[None, None, :]
     first_diff = tl.min(tl.where(differ, ot[None, None, :], depth), axis=2)
-    # next_draft[t, b] = cand_tokens[b, t + 1] (loaded above)
-    # next_first[f, t]: the first branch alive at depth t + 1 if f is the first alive at depth t
-    # (BLOCK_B: none, s_t is the bonus). Survivors of depth t are the alive b >= f whose draft
-    # t + 1 equals f's target at depth t.
-    follows = (
-        (ob[None, None, :] >= ob[:, None, None])
-        & (first_diff[:, None, :] > ot[None, :, None])
-        & (next_draft[None, :, :] == target[:, :, None])
-        & next_ok[None, :, :]
-    )
-    next_first = tl.min(tl.where(follows, ob[None, None, :], BLOCK_B), axis=2)
-
-    # Jump from one first-alive branch to the next: f only grows, so at most B jumps.
-    first = 0
-    from_depth = 0
-    num_accepted = 0
-    branch = 0
-    done = 0
-    first_at = tl.zeros([BLOCK_T], tl.int32)  # f(t)
-    for _ in range(num_branches):
-        next_of_first = tl.sum(tl.where(ob[:, None] == first, next_first, 0), axis=0)
-        stop_depth = tl.min(
-            tl.where(t_ok & (ot >= from_depth) & (next_of_first != first), ot, BLOCK_T), axis=0
-        )
-        successor = tl.sum(tl.where(ot == stop_depth, next_of_first, 0), axis=0)
-        active = done == 0
-        first_at = tl.where(active & (ot >= from_depth) & (ot <= stop_depth), first, first_at)
-        ends = active & (successor == BLOCK_B)
-        moves = active & (successor != BLOCK_B)
-        num_accepted = tl.where(ends, stop_depth, num_accepted)
-        branch = tl.where(ends, first, branch)
-        done = tl.where(ends, 1, done)
-        first = tl.where(moves, successor, first)
-        from_depth = tl.where(moves, stop_depth + 1, from_depth)
-
-    sampled = tl.sum(tl.where(ob[:, None] == first_at[None, :], target, 0), axis=0)  # s_t
+    # first_of[b, t] = first(b, t): the smallest f with first_diff[f, b] > t
+    shares = (first_diff[:, :, None] > ot[None, None, :]) & b_ok[:, None, None]
+    first_of = tl.min(tl.where(shares, ob[:, None, None], BLOCK_B), axis=0)
+    # node_target[b, t] = target[first(b, t), t], the target token at b's node of depth t
+    at_first = ob[:, None, None] == first_of[None, :, :]
+    node_target = tl.sum(tl.where(at_first, target[:, None, :], 0), axis=0)
+    next_draft = tl.load(cand_ptr + pair + 1, mask=pair_ok & (ot + 1 < depth)[None, :], other=-1)
+    survives = (next_draft == node_target) & (ot + 1 < depth)[None, :]
+    # reached[b]: the depth where b's walk stops (its first non-surviving depth); a = the deepest
+    reached = tl.min(tl.where(survives | ~t_ok[None, :], BLOCK_T, ot[None, :]), axis=1)
+    reached = tl.where(b_ok, reached, -1)
+    num_accepted = tl.max(reached, axis=0)
+    # the first alive branch at depth a: the smallest that reached it (all that did stop there)
+    branch = tl.min(tl.where(reached == num_accepted, ob, BLOCK_B), axis=0)
+    on_branch = ob[:, None] == branch
+    sampled = tl.sum(tl.where(on_branch, node_target, 0), axis=0)  # s_t along the chosen branch
     bonus = tl.sum(tl.where(ot == num_accepted, sampled, 0), axis=0)
-    path_rows = tl.sum(tl.where(ob[:, None] == branch, rows, 0), axis=0)
+    path_rows = tl.sum(tl.where(on_branch, rows, 0), axis=0)
     tl.store(out_tokens_ptr + ot, tl.where(ot <= num_accepted, sampled, -1), mask=t_ok)
     tl.store(path_rows_ptr + ot, path_rows, mask=t_ok)
     tl.store(num_accepted_ptr, num_accepted)
@@ -441,6 +437,10 @@ _BLOCK = 8192  # tokens per block of the partial/select kernels
 _CHUNK_BLOCKS = 1  # blocks per chunk: one partials program reads CHUNK = 8192 tokens of a row
 _THRESHOLD_BLOCK = 8192
 _NUM_WARPS = {"thresholds": 32, "partials": 8, "select": 8, "scan": 4}
+# Partials programs per SM (0: one program per (pair, chunk) item) and the stages of their
+# pipelined loop over items.
+_PARTIALS_PER_SM = 4
+_PARTIALS_STAGES = 2
 
 
 def _chunking(vocab: int) -> tuple[int, int, int]:
@@ -448,6 +448,13 @@ def _chunking(vocab: int) -> tuple[int, int, int]:
     block = min(_BLOCK, triton.next_power_of_2(vocab))
     chunk_blocks = min(_CHUNK_BLOCKS, triton.cdiv(vocab, block))
     return block, chunk_blocks, triton.cdiv(vocab, block * chunk_blocks)
+
+
+def _partials_grid(num_items: int, device: torch.device) -> int:
+    """Programs of the partials pass: `_PARTIALS_PER_SM` a SM, never more than the items."""
+    if _PARTIALS_PER_SM == 0:
+        return num_items
+    return min(num_items, _PARTIALS_PER_SM * num_sms(device))
 
 
 def _sample_pairs(
@@ -488,12 +495,13 @@ def _sample_pairs(
             BLOCK=min(_THRESHOLD_BLOCK, triton.next_power_of_2(vocab)),
             num_warps=_NUM_WARPS["thresholds"],
         )  # fmt: skip
-    _partials_kernel[(num_pairs, num_chunks)](
+    num_items = num_pairs * num_chunks
+    _partials_kernel[(_partials_grid(num_items, device),)](
         logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,
-        vocab, num_chunks, scale,
+        vocab, num_chunks, num_items, scale,
         logits.stride(0),
         HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy, KEY_SHIFT=key_shift,
-        BLOCK=block, CHUNK_BLOCKS=chunk_blocks,
+        BLOCK=block, CHUNK_BLOCKS=chunk_blocks, NUM_STAGES=_PARTIALS_STAGES,
         num_warps=_NUM_WARPS["partials"],
     )  # fmt: skip
     tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)

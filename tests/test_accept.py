@@ -83,6 +83,19 @@ def test_random_walks(num_branches: int, depth: int, vocab: int) -> None:
         assert_same(accept(cand, logits), accept_ref(cand, logits))
 
 
+def test_walk_many_shapes() -> None:
+    """The walk on many random trees: binary drafts and targets (much sharing, many first-alive
+    changes), B from 1 to 9, T from 1 to 33 (block sizes of the walk's tensors crossed)."""
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(40):
+        num_branches = int(torch.randint(1, 10, (1,), generator=gen))
+        depth = int(torch.randint(1, 34, (1,), generator=gen))
+        cand = torch.randint(0, 2, (num_branches, depth), generator=gen)
+        targets = torch.randint(0, 2, (num_branches * depth,), generator=gen)
+        logits = planted_logits(targets, 8)
+        assert_same(accept(cand, logits), accept_ref(cand, logits))
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_multi_chunk_rows(temperature: float) -> None:
     """Rows of several chunks (partials reduced across chunks), and sample_tokens on the same rows
