@@ -201,8 +201,24 @@ case "$call" in
       --backends triton --prefixes 64,512,2048 --profile ar,d2sd --out-dir "$work" &
     wait
     ;;
+  s13)  # accept's persistent partials + loop-free walk; A/B of the attention of
+    # next/fused-active-splits (its tree in ./ab, carried) against this one, on the SmolLM2 shape
+    cycle() {  # cycle GPU LOG [DIR]
+      (cd "${3:-.}" && run_on "$1" 110 "$2" python3 -m bench.cycle_8b --shape smollm2 \
+        --backends triton --prefixes 64,512,2048 --out-dir "$work/$2.d")
+    }
+    (run_on 0 150 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+        tests/test_accept.py tests/test_sample_tokens.py
+      run_on 0 120 gpu0-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
+      cycle 0 gpu0-cycle-this.log
+      cycle 0 gpu0-cycle-ab.log ab) &
+    (run_on 1 260 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work"
+      cycle 1 gpu1-cycle-ab.log ab
+      cycle 1 gpu1-cycle-this.log) &
+    wait
+    ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
