@@ -1,18 +1,16 @@
 """How `accept`'s time depends on its vocabulary chunking and launch shapes: a sweep that tunes
-`kernels.accept`'s _BLOCK (tokens per block), _CHUNK_BLOCKS (blocks per chunk), the partials
-pass's warps, programs per SM and pipeline stages, and the select and walk kernels' warps.
+`kernels.accept`'s _BLOCK (tokens per block), _CHUNK_BLOCKS (blocks per chunk), the three kernels'
+warps and whether they use programmatic dependent launch (PDL, sm_90+).
 
-The greedy and sampled paths are three launches (partials over (rows, chunks) items, select per
-row, the walk); the partials pass reads every candidate row once and dominates. One program per
-item makes a partial last wave of programs; a few programs per SM looping over the items
-(pipelined) do not. Each configuration is timed on bench_accept's shapes (B = 5, T = 16 / 32,
-V = 151936 / 49152, bf16), replayed in a CUDA graph; `current` marks the shipped one. The chunking
-(not the grid) changes the sampled path's float sums, consistently for AR and verification (both
-depend on V only), so any row here is a lossless choice.
+The greedy and sampled paths are three launches (partials over (rows, chunks), select per row, the
+walk); the partials pass reads every candidate row once and dominates. Each configuration is timed
+on bench_accept's shapes (B = 5, T = 16 / 32, V = 151936 / 49152, bf16), replayed in a CUDA graph;
+`current` marks the shipped one. The chunking changes the sampled path's float sums, consistently
+for AR and verification (both depend on V only), so any row here is a lossless choice.
 
-It also splits the shipped configuration's graphed time into its kernels (torch.profiler over graph
-replays): each kernel's device time per call, and the rest of the graph's time, the gaps between
-dependent launches.
+It also splits the shipped configuration's graphed time (without programmatic dependent launch)
+into its kernels (torch.profiler over graph replays): each kernel's device time per call, and the
+rest of the graph's time, the gaps between dependent launches; beside it the time with PDL.
 
     python -m bench.accept_chunks [--out-dir DIR]     # CUDA only; accept_chunks-<gpu>-<date>.json
 """
@@ -35,54 +33,42 @@ from bench.bench_accept import NUM_BRANCHES
 # the module (the package binds kernels.accept to the launcher of the same name)
 accept_module = importlib.import_module("kernels.accept")
 
-# (BLOCK, CHUNK_BLOCKS, partials warps, partials programs per SM (0: one per item), pipeline
-# stages, select warps, walk warps); earlier sweeps (bench/results/accept_chunks-*) found
-# CHUNK_BLOCKS > 1 slower everywhere
+# (BLOCK, CHUNK_BLOCKS, partials warps, select warps, walk warps, programmatic dependent launch);
+# earlier sweeps (bench/results/accept_chunks-*) found CHUNK_BLOCKS > 1 and a persistent partials
+# grid (a few programs per SM looping over the chunks) slower
 CONFIGS = (
-    (8192, 1, 8, 0, 1, 8, 4),
-    (8192, 1, 4, 0, 1, 8, 4),
-    (8192, 1, 8, 2, 2, 8, 4),
-    (8192, 1, 8, 4, 2, 8, 4),
-    (8192, 1, 8, 4, 1, 8, 4),
-    (8192, 1, 8, 4, 3, 8, 4),
-    (8192, 1, 4, 4, 2, 8, 4),
-    (8192, 1, 4, 8, 2, 8, 4),
-    (8192, 1, 4, 8, 3, 8, 4),
-    (4096, 1, 4, 8, 2, 8, 4),
-    (4096, 1, 4, 16, 3, 8, 4),
-    (16384, 1, 8, 2, 2, 8, 4),
-    (16384, 1, 16, 2, 2, 8, 4),
-    (8192, 1, 8, 4, 2, 4, 4),
-    (8192, 1, 8, 4, 2, 2, 4),
-    (8192, 1, 8, 4, 2, 8, 1),
-    (8192, 1, 8, 4, 2, 8, 2),
-    (8192, 1, 8, 4, 2, 8, 8),
+    (8192, 1, 4, 8, 4, True),
+    (8192, 1, 4, 8, 4, False),
+    (8192, 1, 8, 8, 4, True),
+    (8192, 1, 8, 8, 4, False),
+    (8192, 1, 4, 4, 4, True),
+    (8192, 1, 4, 8, 2, True),
+    (4096, 1, 4, 8, 4, True),
+    (16384, 1, 8, 8, 4, True),
 )
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0)}
-KNOBS = ("block", "chunk_blocks", "warps", "per_sm", "stages", "select_warps", "scan_warps")
+KNOBS = ("block", "chunk_blocks", "warps", "select_warps", "scan_warps", "pdl")
 COLUMNS = ("vocab", "T", "mode", *KNOBS, "current", "us")
-SPLIT_COLUMNS = ("vocab", "T", "mode", "us", "kernels_us", "gaps_us", "per_kernel")
+SPLIT_COLUMNS = ("vocab", "T", "mode", "us", "pdl_us", "kernels_us", "gaps_us", "per_kernel")
 
 
 def _configure(
-    block: int, chunk_blocks: int, warps: int, per_sm: int, stages: int, select: int, scan: int
+    block: int, chunk_blocks: int, warps: int, select: int, scan: int, pdl: bool
 ) -> None:
     accept_module._BLOCK = block
     accept_module._CHUNK_BLOCKS = chunk_blocks
     accept_module._NUM_WARPS.update(partials=warps, select=select, scan=scan)
-    accept_module._PARTIALS_PER_SM = per_sm
-    accept_module._PARTIALS_STAGES = stages
+    accept_module._PDL = pdl
 
 
-def _shipped() -> tuple[int, ...]:
+def _shipped() -> tuple:
     return (
         accept_module._BLOCK,
         accept_module._CHUNK_BLOCKS,
         accept_module._NUM_WARPS["partials"],
-        accept_module._PARTIALS_PER_SM,
-        accept_module._PARTIALS_STAGES,
         accept_module._NUM_WARPS["select"],
         accept_module._NUM_WARPS["scan"],
+        accept_module._PDL,
     )
 
 
@@ -118,9 +104,12 @@ def sweep() -> list[dict]:
 
 
 def kernel_split(replays: int = 200) -> list[dict]:
-    """The shipped configuration's graphed time per shape and mode, split into its kernels."""
+    """The shipped configuration's graphed time per shape and mode, split into its kernels. The
+    split is taken without programmatic dependent launch (under it a kernel's time includes its
+    wait for the previous one); `pdl_us` is the graphed time with it, as shipped on sm_90+."""
     from torch.profiler import ProfilerActivity, profile
 
+    shipped_pdl = accept_module._PDL
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     for vocab in (151936, 49152):
@@ -134,6 +123,10 @@ def kernel_split(replays: int = 200) -> list[dict]:
                 def call(cand=cand, logits=logits, uniforms=uniforms, warpers=warpers):
                     return accept_module.accept(cand, logits, uniforms=uniforms, **warpers)
 
+                accept_module._PDL = True
+                call()
+                pdl_us = time_us(call, cuda_graph=True, rep_ms=30)["us"]
+                accept_module._PDL = False
                 call()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
@@ -154,10 +147,11 @@ def kernel_split(replays: int = 200) -> list[dict]:
                 graphed = time_us(call, cuda_graph=True, rep_ms=30)["us"]
                 kernels_us = sum(per_kernel.values())
                 rows.append({
-                    "vocab": vocab, "T": depth, "mode": mode, "us": graphed,
+                    "vocab": vocab, "T": depth, "mode": mode, "us": graphed, "pdl_us": pdl_us,
                     "kernels_us": kernels_us, "gaps_us": graphed - kernels_us,
                     "per_kernel": per_kernel,
                 })  # fmt: skip
+    accept_module._PDL = shipped_pdl
     return rows
 
 

@@ -275,8 +275,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 
 @functools.cache
-def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (a few on the CPU, for the interpreter)."""
+def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a few "SMs" so that small test caches take the multi-split path
@@ -327,7 +326,7 @@ def num_kv_splits(
     float32 partial states (L2-resident).
     """
     programs_per_split = num_kv_heads * math.ceil(num_rows / num_kv_heads / 128)
-    one_wave = math.ceil(num_sms(device) / programs_per_split)
+    one_wave = math.ceil(_num_sms(device) / programs_per_split)
     by_length = math.ceil(max_len / (2 * min_split_keys(device)))
     by_state = (16 << 20) // (num_rows * head_dim * 4)
     return max(1, min(MAX_KV_SPLITS, one_wave, by_length, by_state))

@@ -35,10 +35,9 @@ How the kernels find it (no sort, no materialised vocabulary; every pass is over
   top-p cuts are both "key >= threshold", found exactly by bisection on the key: top-k counts
   tokens, top-p sums weights (one pass over V per step, ~16 steps for bf16). This is the slow
   path (`_thresholds_kernel`, one program per row) and runs only when top_k / top_p are set.
-* `_partials_kernel`, items (rows, chunks of CHUNK = BLOCK * CHUNK_BLOCKS tokens) looped over by a
-  few programs per SM: greedy writes each chunk's max and first argmax; sampling writes each
-  chunk's max m_c of the kept logits and sum_c exp2((x - m_c) * log2(e) / temperature) over the
-  kept tokens.
+* `_partials_kernel`, grid (rows, chunks of CHUNK = BLOCK * CHUNK_BLOCKS tokens): greedy writes
+  each chunk's max and first argmax; sampling writes each chunk's max m_c of the kept logits and
+  sum_c exp2((x - m_c) * log2(e) / temperature) over the kept tokens.
 * `_select_kernel`, grid (rows,): greedy reduces the chunk partials (ties to the first chunk);
   sampling rescales the chunk masses to the row max, locates u * W in their inclusive prefix sum,
   and scans only that chunk (block cumsums) for the token.
@@ -67,14 +66,14 @@ stops at its first mismatch, a is the deepest stop and f(a) the smallest branch 
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
-
-from kernels._attention import num_sms
 
 # ----------------------------------------------------------------------------------------------
 # The sampling math, written once (jit helpers shared by every kernel below)
@@ -139,6 +138,15 @@ def _mass_at_least(
         x, kept = _kept_logits(row_ptr, start + offs, vocab, key_min, True, KEY_SHIFT)
         mass += _weight(x, kept, x_max, scale)
     return tl.sum(mass, axis=0)
+
+
+@triton.jit
+def _after_previous_kernel(PDL: tl.constexpr):
+    """Under programmatic dependent launch (PDL): wait until the previous kernel's writes are
+    visible, then let the next kernel launch early (it waits here too before touching memory)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
 
 
 @triton.jit
@@ -225,7 +233,6 @@ def _partials_kernel(
     # sizes and scalars
     vocab,
     num_chunks,
-    num_items,  # P * S
     scale,
     # strides
     stride_row,
@@ -236,50 +243,45 @@ def _partials_kernel(
     KEY_SHIFT: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK_BLOCKS: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    # Work items are (pair, chunk) in pair-major order. Each program takes every
-    # num_programs-th item: with a grid of a few programs per SM (`_partials_grid`) the pipelined
-    # loop keeps the next item's loads in flight while this one reduces, and no partial last wave
-    # of programs idles most of the GPU. The items, hence every float sum, are the same whatever
-    # the grid.
-    for item in tl.range(tl.program_id(0), num_items, tl.num_programs(0), num_stages=NUM_STAGES):
-        pair = item // num_chunks
-        chunk = item - pair * num_chunks
-        row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
-        threshold = 0
-        if HAS_THRESHOLD:
-            threshold = tl.load(threshold_ptr + pair)
-        offs = tl.arange(0, BLOCK)
-        first = chunk * (BLOCK * CHUNK_BLOCKS)
-        run_max = float("-inf")
-        run_argmax = first
-        run_mass = 0.0
-        for i in tl.static_range(CHUNK_BLOCKS):
-            idx = first + i * BLOCK + offs
-            x, kept = _kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD, KEY_SHIFT)
-            if GREEDY:
-                # one (value, index) reduction, ties to the smaller index
-                block_max, block_argmax = tl.max(
-                    x, axis=0, return_indices=True, return_indices_tie_break_left=True
-                )
-                # strict: an earlier block keeps a tie
-                block_argmax += first + i * BLOCK
-                run_argmax = tl.where(block_max > run_max, block_argmax, run_argmax)
-                run_max = tl.maximum(run_max, block_max)
-            else:
-                new_max = tl.maximum(run_max, tl.max(x, axis=0))
-                # 0 while nothing is kept, so a chunk with nothing kept stays (-inf, 0) without
-                # -inf + inf
-                ref_max = tl.where(new_max > float("-inf"), new_max, 0.0)
-                run_mass = run_mass * tl.exp2((run_max - ref_max) * scale)
-                run_mass += tl.sum(_weight(x, kept, ref_max, scale), axis=0)
-                run_max = new_max
-        tl.store(chunk_max_ptr + item, run_max)
+    _after_previous_kernel(PDL)
+    pair = tl.program_id(0)
+    chunk = tl.program_id(1)
+    row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
+    threshold = 0
+    if HAS_THRESHOLD:
+        threshold = tl.load(threshold_ptr + pair)
+    offs = tl.arange(0, BLOCK)
+    first = chunk * (BLOCK * CHUNK_BLOCKS)
+    run_max = float("-inf")
+    run_argmax = first
+    run_mass = 0.0
+    for i in tl.static_range(CHUNK_BLOCKS):
+        idx = first + i * BLOCK + offs
+        x, kept = _kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD, KEY_SHIFT)
         if GREEDY:
-            tl.store(chunk_argmax_ptr + item, run_argmax)
+            # one (value, index) reduction, ties to the smaller index
+            block_max, block_argmax = tl.max(
+                x, axis=0, return_indices=True, return_indices_tie_break_left=True
+            )
+            block_argmax += first + i * BLOCK
+            # strict: an earlier block keeps a tie
+            run_argmax = tl.where(block_max > run_max, block_argmax, run_argmax)
+            run_max = tl.maximum(run_max, block_max)
         else:
-            tl.store(chunk_mass_ptr + item, run_mass)
+            new_max = tl.maximum(run_max, tl.max(x, axis=0))
+            # 0 while nothing is kept, so a chunk with nothing kept stays (-inf, 0) without -inf + inf
+            ref_max = tl.where(new_max > float("-inf"), new_max, 0.0)
+            run_mass = run_mass * tl.exp2((run_max - ref_max) * scale)
+            run_mass += tl.sum(_weight(x, kept, ref_max, scale), axis=0)
+            run_max = new_max
+    out = pair * num_chunks + chunk
+    tl.store(chunk_max_ptr + out, run_max)
+    if GREEDY:
+        tl.store(chunk_argmax_ptr + out, run_argmax)
+    else:
+        tl.store(chunk_mass_ptr + out, run_mass)
 
 
 @triton.jit
@@ -308,7 +310,9 @@ def _select_kernel(
     BLOCK: tl.constexpr,
     CHUNK_BLOCKS: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _after_previous_kernel(PDL)
     pair = tl.program_id(0)
     chunk_ids = tl.arange(0, BLOCK_S)
     valid = chunk_ids < num_chunks
@@ -374,7 +378,9 @@ def _accept_scan_kernel(
     HAS_ROWS: tl.constexpr,
     BLOCK_B: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    _after_previous_kernel(PDL)
     ob = tl.arange(0, BLOCK_B)
     ot = tl.arange(0, BLOCK_T)
     b_ok = ob < num_branches
@@ -384,6 +390,7 @@ def _accept_scan_kernel(
     # every global load up front: what follows is a short chain of dependent reductions
     cand = tl.load(cand_ptr + pair, mask=pair_ok, other=-1)
     target = tl.load(tokens_ptr + pair, mask=pair_ok, other=-1)
+    next_draft = tl.load(cand_ptr + pair + 1, mask=pair_ok & (ot + 1 < depth)[None, :], other=-1)
     if HAS_ROWS:
         rows = tl.load(rows_ptr + pair, mask=pair_ok, other=0).to(tl.int32)
     else:
@@ -404,7 +411,6 @@ def _accept_scan_kernel(
     # node_target[b, t] = target[first(b, t), t], the target token at b's node of depth t
     at_first = ob[:, None, None] == first_of[None, :, :]
     node_target = tl.sum(tl.where(at_first, target[:, None, :], 0), axis=0)
-    next_draft = tl.load(cand_ptr + pair + 1, mask=pair_ok & (ot + 1 < depth)[None, :], other=-1)
     survives = (next_draft == node_target) & (ot + 1 < depth)[None, :]
     # reached[b]: the depth where b's walk stops (its first non-surviving depth); a = the deepest
     reached = tl.min(tl.where(survives | ~t_ok[None, :], BLOCK_T, ot[None, :]), axis=1)
@@ -429,18 +435,34 @@ def _accept_scan_kernel(
 
 _LOG2E = 1.4426950408889634
 _KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
-# Measured on the H200 (B = 5, T = 16, bf16, V = 151936 / 49152): one 8192-token block per chunk
-# with 8 warps beat 2048 x 4 x 4 warps (greedy partials 9.2 / 4.2 us vs 10.8 / 5.6 us); 32 warps
-# of 8192 were the fastest threshold passes; a 1-warp scan spills. Changing BLOCK / CHUNK changes
-# the sampled rounding (consistently for AR and verification: they depend on V only).
+# Measured on the H200 (B = 5, T = 16, bf16, V = 151936 / 49152; bench.accept_chunks): one
+# 8192-token block per chunk and program beat larger chunks and smaller blocks; 4 partials warps
+# beat 8 (greedy accept 12.4 vs 12.5 us at V 151936); a few programs per SM looping over the
+# chunks (pipelined) were slower (13.0+ us); 32 warps of 8192 were the fastest threshold passes.
+# Changing BLOCK / CHUNK changes the sampled rounding (consistently for AR and verification: they
+# depend on V only).
 _BLOCK = 8192  # tokens per block of the partial/select kernels
 _CHUNK_BLOCKS = 1  # blocks per chunk: one partials program reads CHUNK = 8192 tokens of a row
 _THRESHOLD_BLOCK = 8192
-_NUM_WARPS = {"thresholds": 32, "partials": 8, "select": 8, "scan": 4}
-# Partials programs per SM (0: one program per (pair, chunk) item) and the stages of their
-# pipelined loop over items.
-_PARTIALS_PER_SM = 4
-_PARTIALS_STAGES = 2
+_NUM_WARPS = {"thresholds": 32, "partials": 4, "select": 8, "scan": 4}
+# Programmatic dependent launch for partials, select and the walk on sm_90+: each kernel launches
+# while its predecessor drains and waits (griddepcontrol.wait) before touching memory.
+_PDL = True
+
+
+@functools.cache
+def _pdl_supported(device: torch.device) -> bool:
+    return (
+        device.type == "cuda"
+        and os.environ.get("TRITON_INTERPRET", "0") != "1"
+        and torch.cuda.get_device_capability(device)[0] >= 9
+    )
+
+
+def _pdl(device: torch.device) -> dict:
+    """Launch keywords and the PDL meta-parameter for the kernels that wait on their predecessor."""
+    on = _PDL and _pdl_supported(device)
+    return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
 
 
 def _chunking(vocab: int) -> tuple[int, int, int]:
@@ -448,13 +470,6 @@ def _chunking(vocab: int) -> tuple[int, int, int]:
     block = min(_BLOCK, triton.next_power_of_2(vocab))
     chunk_blocks = min(_CHUNK_BLOCKS, triton.cdiv(vocab, block))
     return block, chunk_blocks, triton.cdiv(vocab, block * chunk_blocks)
-
-
-def _partials_grid(num_items: int, device: torch.device) -> int:
-    """Programs of the partials pass: `_PARTIALS_PER_SM` a SM, never more than the items."""
-    if _PARTIALS_PER_SM == 0:
-        return num_items
-    return min(num_items, _PARTIALS_PER_SM * num_sms(device))
 
 
 def _sample_pairs(
@@ -495,14 +510,13 @@ def _sample_pairs(
             BLOCK=min(_THRESHOLD_BLOCK, triton.next_power_of_2(vocab)),
             num_warps=_NUM_WARPS["thresholds"],
         )  # fmt: skip
-    num_items = num_pairs * num_chunks
-    _partials_kernel[(_partials_grid(num_items, device),)](
+    _partials_kernel[(num_pairs, num_chunks)](
         logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,
-        vocab, num_chunks, num_items, scale,
+        vocab, num_chunks, scale,
         logits.stride(0),
         HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy, KEY_SHIFT=key_shift,
-        BLOCK=block, CHUNK_BLOCKS=chunk_blocks, NUM_STAGES=_PARTIALS_STAGES,
-        num_warps=_NUM_WARPS["partials"],
+        BLOCK=block, CHUNK_BLOCKS=chunk_blocks,
+        num_warps=_NUM_WARPS["partials"], **_pdl(device),
     )  # fmt: skip
     tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)
     _select_kernel[(num_pairs,)](
@@ -512,7 +526,7 @@ def _sample_pairs(
         logits.stride(0),
         HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy, KEY_SHIFT=key_shift,
         BLOCK=block, CHUNK_BLOCKS=chunk_blocks, BLOCK_S=triton.next_power_of_2(num_chunks),
-        num_warps=_NUM_WARPS["select"],
+        num_warps=_NUM_WARPS["select"], **_pdl(device),
     )  # fmt: skip
     return tokens
 
@@ -613,7 +627,7 @@ def _accept_op(
         num_branches, depth,
         HAS_ROWS=row_of is not None,
         BLOCK_B=triton.next_power_of_2(num_branches), BLOCK_T=triton.next_power_of_2(depth),
-        num_warps=_NUM_WARPS["scan"],
+        num_warps=_NUM_WARPS["scan"], **_pdl(device),
     )  # fmt: skip
     return num_accepted, bonus, branch, path_rows, out_tokens, target_tokens
 

@@ -1,4 +1,4 @@
-"""The decoder-block kernels and the cascade's two kernels compile for the H200 (sm_90) here,
+"""The decoder-block kernels, the cascade's two kernels and accept's three compile for the H200 (sm_90) here,
 without a GPU.
 
 The interpreter runs a kernel's Python, not its compilation: a construct that Triton's compiler or
@@ -23,6 +23,7 @@ DTYPES = ("bf16", "fp16")
 
 def _variants():
     """(kernel, signature, constexprs, options) for every variant the launchers make."""
+    from kernels.accept import _accept_scan_kernel, _partials_kernel, _select_kernel
     from kernels.branch_attention import _branch_kernel
     from kernels.emit import _emit_kernel
     from kernels.prefix_attention import _prefix_split_kernel
@@ -67,6 +68,35 @@ def _variants():
             yield _prefix_split_kernel, *_prefix_variant(dtype, head_dim, True, False, block_m=16)
             for has_local, has_mask in ((False, False), (True, False), (True, True)):
                 yield _branch_kernel, *_branch_variant(dtype, head_dim, has_local, has_mask)
+        for greedy in (True, False):
+            for pdl in (False, True):
+                yield _partials_kernel, *_sampler_variant(dtype, greedy, pdl, select=False)
+                yield _select_kernel, *_sampler_variant(dtype, greedy, pdl, select=True)
+    for pdl in (False, True):
+        signature = {"cand_ptr": "*i64", "rows_ptr": "*i32", "tokens_ptr": "*i64"}
+        signature |= {"num_accepted_ptr": "*i32", "bonus_ptr": "*i64", "branch_ptr": "*i32"}
+        signature |= {"path_rows_ptr": "*i32", "out_tokens_ptr": "*i64"}
+        signature |= {"target_tokens_ptr": "*i64", "num_branches": "i32", "depth": "i32"}
+        const = {"HAS_ROWS": True, "BLOCK_B": 8, "BLOCK_T": 32, "PDL": pdl}
+        yield _accept_scan_kernel, signature, const, {"num_warps": 4, "launch_pdl": pdl}
+
+
+def _sampler_variant(dtype: str, greedy: bool, pdl: bool, *, select: bool):
+    """accept's partials pass or its select kernel over V = 151936 (19 chunks of 8192), greedy or
+    sampled with a top-k/top-p threshold, with or without programmatic dependent launch."""
+    signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*i32"}
+    signature |= {"chunk_max_ptr": "*fp32", "chunk_argmax_ptr": "*i32", "chunk_mass_ptr": "*fp32"}
+    if select:
+        signature |= {"uniforms_ptr": "*fp32", "tokens_ptr": "*i64"}
+    signature |= {"vocab": "i32", "num_chunks": "i32"}
+    if select:
+        signature["uniform_period"] = "i32"
+    signature |= {"scale": "fp32", "stride_row": "i64"}
+    const = {"HAS_ROWS": True, "HAS_THRESHOLD": not greedy, "GREEDY": greedy, "KEY_SHIFT": 16}
+    const |= {"BLOCK": 8192, "CHUNK_BLOCKS": 1, "PDL": pdl}
+    if select:
+        const["BLOCK_S"] = 32
+    return signature, const, {"num_warps": 8 if select else 4, "launch_pdl": pdl}
 
 
 def _prefix_variant(dtype: str, head_dim: int, fused: bool, has_mask: bool, block_m: int = 64):
@@ -138,7 +168,7 @@ def main() -> int:
     return 0
 
 
-def test_decoder_block_kernels_compile_for_sm90() -> None:
+def test_kernels_compile_for_sm90() -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # the launchers' default, stated (no warning)
@@ -146,7 +176,10 @@ def test_decoder_block_kernels_compile_for_sm90() -> None:
         [sys.executable, __file__], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("ok ") == len(DTYPES) * (6 + 1 + 3 + 2 + 8 + 8 + 6), proc.stdout
+    # per dtype: rms_norm, silu_mul, emit, rope tables, rope, prefix, branch, accept's partials
+    # and select (greedy / sampled, with and without PDL); then the walk (with and without)
+    per_dtype = 6 + 1 + 3 + 2 + 8 + 8 + 6 + 8
+    assert proc.stdout.count("ok ") == len(DTYPES) * per_dtype + 2, proc.stdout
 
 
 if __name__ == "__main__":

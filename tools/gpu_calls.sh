@@ -54,7 +54,7 @@
 # (~2 min each); its full 60-shape run then takes ~140 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4|s5|s6|s7|s8|s9}
+call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4|s5|s6|s7|s8|s9|s13|s14}
 out=${OUT:-gpu-out}
 work="$out/w"
 mkdir -p "$work" /root/stash
@@ -201,8 +201,9 @@ case "$call" in
       --backends triton --prefixes 64,512,2048 --profile ar,d2sd --out-dir "$work" &
     wait
     ;;
-  s13)  # accept's persistent partials + loop-free walk; A/B of the attention of
-    # next/fused-active-splits (its tree in ./ab, carried) against this one, on the SmolLM2 shape
+  s13 | s14)  # accept (s13: persistent partials; s14: PDL, one-program-per-chunk partials,
+    # loop-free walk); A/B of another attention tree carried in ./ab (s13:
+    # next/fused-active-splits, s14: next/split0-direct) against this one, SmolLM2 shape
     cycle() {  # cycle GPU LOG [DIR]
       (cd "${3:-.}" && run_on "$1" 110 "$2" python3 -m bench.cycle_8b --shape smollm2 \
         --backends triton --prefixes 64,512,2048 --out-dir "$work/$2.d")
@@ -212,13 +213,13 @@ case "$call" in
       run_on 0 120 gpu0-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
       cycle 0 gpu0-cycle-this.log
       cycle 0 gpu0-cycle-ab.log ab) &
-    (run_on 1 260 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work"
+    (run_on 1 200 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work"
       cycle 1 gpu1-cycle-ab.log ab
       cycle 1 gpu1-cycle-this.log) &
     wait
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13, s14; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
