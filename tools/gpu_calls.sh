@@ -38,6 +38,14 @@
 #   call s9 carry []                        after s7's profile (RoPE tables 42 us, the AR step's
 #                                           attention 11 us a layer): the RoPE-table and attention
 #                                           GPU tests (GPU0) || the SmolLM2-shape cycle (GPU1)
+# Session 6 (accept: PDL, the loop-free walk, radix top-k; A/Bs of attention branches carried in
+# ./ab; s10-s12 lived on the measured branches):
+#   call s13/s14 carry ["ab"]               accept's GPU tests, benchmarks and sweeps (GPU0/1); the
+#                                           SmolLM2-shape cycle of this tree and of ./ab on both
+#   call s15 carry [".device-ga"]           accept and system GPU tests (GPU0) || accept's
+#                                           benchmarks, the SmolLM2-shape cycle (GPU1)
+#   call s16 carry [".device-gb"]           right after s15: d2sd.run triton / torch on the real
+#                                           GGUF (GPU0) || the real-target tests (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -54,7 +62,7 @@
 # (~2 min each); its full 60-shape run then takes ~140 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4|s5|s6|s7|s8|s9|s13|s14}
+call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4|s5|s6|s7|s8|s9|s13|s14|s15|s16}
 out=${OUT:-gpu-out}
 work="$out/w"
 mkdir -p "$work" /root/stash
@@ -218,8 +226,34 @@ case "$call" in
       cycle 1 gpu1-cycle-this.log) &
     wait
     ;;
+  s15)  # session 6's accept (PDL, loop-free walk, radix top-k): its GPU tests and the system GPU
+    # tests, PDL kernels inside the decode graphs (GPU0) || accept's benchmarks and sweeps, the
+    # SmolLM2-shape cycle (GPU1); the GGUF's first part parked for s16
+    cp .device-ga/part_a /root/stash/
+    run_on 0 480 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_accept.py tests/test_sample_tokens.py tests/test_graphs.py tests/test_generate.py \
+      tests/test_lossless.py tests/test_models.py tests/test_drafter.py \
+      tests/test_attention_backends.py tests/test_run_cli.py &
+    (run_on 1 120 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
+      run_on 1 200 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work"
+      run_on 1 150 gpu1-cycle-smollm2.log python3 -m bench.cycle_8b --shape smollm2 \
+        --backends triton --prefixes 64,512,2048 --out-dir "$work") &
+    wait
+    ;;
+  s16)  # after s15 on the same warm machine: the default GGUF reassembled (gguf from the wheel
+    # in .device-gb), d2sd.run triton then torch (GPU0) || the real-target tests (GPU1)
+    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-gb/gguf-*.whl
+    (for backend in triton torch; do
+      D2SD_DEFAULT_GGUF=$gguf run_on 0 200 "gpu0-run-$backend.log" python3 -m d2sd.run \
+        --backend "$backend" --json "$work/run-$backend.json"
+    done) &
+    D2SD_DEFAULT_GGUF=$gguf run_on 1 280 gpu1-e2e-tests.log python3 -m pytest -m gpu -q \
+      -p no:cacheprovider -k smollm2 tests/ &
+    wait
+    ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13, s14; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s16; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
