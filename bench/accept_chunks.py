@@ -8,10 +8,9 @@ on bench_accept's shapes (B = 5, T = 16 / 32, V = 151936 / 49152, bf16), replaye
 `current` marks the shipped one. The chunking changes the sampled path's float sums, consistently
 for AR and verification (both depend on V only), so any row here is a lossless choice.
 
-A second sweep times the top-k/top-p path per threshold-kernel configuration (warps, pipeline
-stages). Last, the shipped configuration's graphed time (without programmatic dependent launch) is
-split into its kernels (torch.profiler over graph replays): each kernel's device time per call, and
-the rest of the graph's time, the gaps between dependent launches; beside it the time with PDL.
+It also splits the shipped configuration's graphed time (without programmatic dependent launch)
+into its kernels (torch.profiler over graph replays): each kernel's device time per call, and the
+rest of the graph's time, the gaps between dependent launches; beside it the time with PDL.
 
     python -m bench.accept_chunks [--out-dir DIR]     # CUDA only; accept_chunks-<gpu>-<date>.json
 """
@@ -104,43 +103,6 @@ def sweep() -> list[dict]:
     return rows
 
 
-# the top-k/top-p threshold kernel (one program per row): (warps, pipeline stages of its passes)
-THRESHOLD_CONFIGS = ((32, 3), (32, 1), (16, 3), (16, 2), (8, 3))
-TOP_K_P = dict(temperature=0.6, top_k=20, top_p=0.95)  # Qwen3's recommended warpers
-THRESHOLD_COLUMNS = ("vocab", "T", "warps", "stages", "current", "us")
-
-
-def threshold_sweep() -> list[dict]:
-    """accept with top-k 20 / top-p 0.95 per threshold-kernel configuration."""
-    shipped = (accept_module._NUM_WARPS["thresholds"], accept_module._THRESHOLD_STAGES)
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    rows = []
-    try:
-        for vocab in (151936, 49152):
-            for depth in (16, 32):
-                num_rows = NUM_BRANCHES * depth
-                logits = torch.randn(num_rows, vocab, device="cuda", generator=gen)
-                logits = logits.to(torch.bfloat16)
-                cand = torch.randint(0, 3, (NUM_BRANCHES, depth), device="cuda", generator=gen)
-                uniforms = torch.rand(depth, device="cuda", generator=gen)
-                for warps, stages in THRESHOLD_CONFIGS:
-                    accept_module._NUM_WARPS["thresholds"] = warps
-                    accept_module._THRESHOLD_STAGES = stages
-
-                    def call(cand=cand, logits=logits, uniforms=uniforms):
-                        return accept_module.accept(cand, logits, uniforms=uniforms, **TOP_K_P)
-
-                    call()
-                    rows.append({
-                        "vocab": vocab, "T": depth, "warps": warps, "stages": stages,
-                        "current": "*" if (warps, stages) == shipped else "",
-                        "us": time_us(call, cuda_graph=True, rep_ms=30)["us"],
-                    })  # fmt: skip
-    finally:
-        accept_module._NUM_WARPS["thresholds"], accept_module._THRESHOLD_STAGES = shipped
-    return rows
-
-
 def kernel_split(replays: int = 200) -> list[dict]:
     """The shipped configuration's graphed time per shape and mode, split into its kernels. The
     split is taken without programmatic dependent launch (under it a kernel's time includes its
@@ -199,14 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rows = sweep()
     print_table("accept per vocabulary chunking (bf16, B = 5, CUDA graph)", rows, COLUMNS)
-    thresholds = threshold_sweep()
-    print_table(
-        "accept, top-k 20 / top-p 0.95, per threshold kernel", thresholds, THRESHOLD_COLUMNS
-    )
     split = kernel_split()
     print_table("accept's graphed time per kernel (shipped configuration)", split, SPLIT_COLUMNS)
-    results = {"rows": rows, "thresholds": thresholds, "kernel_split": split}
-    path = write_results("accept_chunks", results, args.out_dir)
+    path = write_results("accept_chunks", {"rows": rows, "kernel_split": split}, args.out_dir)
     print(f"\nwrote {path}")
     return 0
 

@@ -32,11 +32,9 @@ Per row, x = logits[r]:
 How the kernels find it (no sort, no materialised vocabulary; every pass is over chunks of V):
 * Order keys: the float32 bit pattern mapped to an int32 that orders like the value (-0 -> +0),
   shifted right by the bits the input dtype never sets (bf16 16, fp16 13, fp32 0). The top-k and
-  top-p cuts are both "key >= threshold", found exactly (`_thresholds_kernel`, one program per
-  row, only when top_k / top_p are set): top-k's is the k-th largest key, by radix select (one
-  pass over V per 8-bit digit: 2 for bf16); top-p's by bisection on the key over the top-k
-  survivors' weights, in registers when at most _KEPT_CAP survive (one more pass gathers them),
-  else one pass over V per step (~16 for bf16: top-p alone, or a large top-k).
+  top-p cuts are both "key >= threshold", found exactly by bisection on the key: top-k counts
+  tokens, top-p sums weights (one pass over V per step, ~16 steps for bf16). This is the slow
+  path (`_thresholds_kernel`, one program per row) and runs only when top_k / top_p are set.
 * `_partials_kernel`, grid (rows, chunks of CHUNK = BLOCK * CHUNK_BLOCKS tokens): greedy writes
   each chunk's max and first argmax; sampling writes each chunk's max m_c of the kept logits and
   sum_c exp2((x - m_c) * log2(e) / temperature) over the kept tokens.
@@ -118,6 +116,18 @@ def _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS: tl.constexpr
 
 
 @triton.jit
+def _count_at_least(row_ptr, vocab, key_min, KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
+    """Number of tokens with key >= key_min."""
+    offs = tl.arange(0, BLOCK)
+    count = tl.zeros([BLOCK], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        idx = start + offs
+        x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        count += ((_order_key(x, KEY_SHIFT) >= key_min) & (idx < vocab)).to(tl.int32)
+    return tl.sum(count, axis=0)
+
+
+@triton.jit
 def _mass_at_least(
     row_ptr, vocab, key_min, x_max, scale, KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr
 ):
@@ -153,55 +163,11 @@ def _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, NONE: tl.co
 
 
 @triton.jit
-def _kth_largest_key(
-    row_ptr,
-    vocab,
-    k,
-    KEY_SHIFT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-):
-    """The k-th largest order key of the row (1 <= k <= vocab) by radix select: one pass over the
-    row per 8-bit digit of the key, from the top (2 passes for bf16 keys, 3 for fp16, 4 for fp32).
-    Each pass histograms the next digit of the keys that share the digits chosen so far and picks
-    the digit where the count from the top reaches k."""
-    KEY_BITS: tl.constexpr = 32 - KEY_SHIFT
-    RADIX_BITS: tl.constexpr = 8
-    NUM_BINS: tl.constexpr = 2 << RADIX_BITS  # digits, then one bin for the other tokens
-    offs = tl.arange(0, BLOCK)
-    bins = tl.arange(0, NUM_BINS)
-    prefix = tl.zeros([], tl.int64)  # the key's digits chosen so far (unsigned key)
-    remaining = k  # of the k largest, those not above the chosen digits
-    for digit_index in tl.static_range((KEY_BITS + RADIX_BITS - 1) // RADIX_BITS):
-        shift = max(KEY_BITS - RADIX_BITS * (digit_index + 1), 0)
-        digit_bits = KEY_BITS - RADIX_BITS * digit_index - shift
-        counts = tl.zeros([NUM_BINS], tl.int32)
-        for start in tl.range(0, vocab, BLOCK, num_stages=NUM_STAGES):
-            idx = start + offs
-            x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-            # unsigned key in [0, 2^KEY_BITS), ordered like the value
-            ukey = _order_key(x, KEY_SHIFT).to(tl.int64) + (1 << (KEY_BITS - 1))
-            candidate = (ukey >> (shift + digit_bits)) == prefix
-            digit = ((ukey >> shift) & ((1 << digit_bits) - 1)).to(tl.int32)
-            counts += tl.histogram(
-                tl.where(candidate & (idx < vocab), digit, 1 << RADIX_BITS), NUM_BINS
-            )
-        counts = tl.where(bins < (1 << digit_bits), counts, 0)
-        from_top = tl.sum(counts, axis=0) - tl.cumsum(counts, axis=0) + counts  # count >= digit
-        chosen = tl.max(tl.where(from_top >= remaining, bins, -1), axis=0)
-        remaining -= tl.sum(tl.where(bins > chosen, counts, 0), axis=0)
-        prefix = (prefix << digit_bits) | chosen.to(tl.int64)
-    return prefix - (1 << (KEY_BITS - 1))
-
-
-@triton.jit
 def _thresholds_kernel(
     # pointers
     logits_ptr,  # [*, V]
     rows_ptr,  # [P] int32/int64, pair -> logits row (HAS_ROWS)
     threshold_ptr,  # [P] int32 out: keep tokens with key >= threshold
-    kept_key_ptr,  # [P, KEPT_CAP] int32 scratch: the top-k survivors' keys (top-p)
-    kept_weight_ptr,  # [P, KEPT_CAP] f32 scratch: their weights
     # sizes and scalars
     vocab,
     top_k,  # 0: no top-k cut
@@ -213,18 +179,14 @@ def _thresholds_kernel(
     HAS_ROWS: tl.constexpr,
     KEY_SHIFT: tl.constexpr,
     BLOCK: tl.constexpr,
-    KEPT_CAP: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-    PDL: tl.constexpr,
 ):
-    _after_previous_kernel(PDL)
     pair = tl.program_id(0)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
     offs = tl.arange(0, BLOCK)
     max_acc = tl.full([BLOCK], float("-inf"), tl.float32)
     key_lo_acc = tl.full([BLOCK], 2147483647, tl.int32)
     key_hi_acc = tl.full([BLOCK], -2147483648, tl.int32)
-    for start in tl.range(0, vocab, BLOCK, num_stages=NUM_STAGES):
+    for start in range(0, vocab, BLOCK):
         idx = start + offs
         x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
         key = _order_key(x, KEY_SHIFT)
@@ -232,56 +194,30 @@ def _thresholds_kernel(
         key_lo_acc = tl.minimum(key_lo_acc, tl.where(idx < vocab, key, 2147483647))
         key_hi_acc = tl.maximum(key_hi_acc, tl.where(idx < vocab, key, -2147483648))
     x_max = tl.max(max_acc, axis=0)
-    # Invariant of the top-p bisection: the cut holds at key `lo` and fails at key `hi`; int64
-    # bounds because hi - lo can exceed the int32 range (keys span it), midpoints fit in int32.
+    # Invariant of both bisections: the cut holds at key `lo` and fails at key `hi`; int64 bounds
+    # because hi - lo can exceed the int32 range (keys span it), midpoints always fit in int32.
     lo = tl.min(key_lo_acc, axis=0).to(tl.int64)
     key_end = tl.max(key_hi_acc, axis=0).to(tl.int64) + 1
     if top_k > 0:
-        lo = _kth_largest_key(row_ptr, vocab, top_k, KEY_SHIFT, BLOCK, NUM_STAGES)
-    if top_p < 1.0:
-        # Gather the survivors of top-k (keys and weights, in token order) into this pair's
-        # scratch row: when they fit (top-k of a few dozen, few ties), the bisection runs in
-        # registers instead of passing over the row once per step.
-        num_kept = 0
-        for start in tl.range(0, vocab, BLOCK, num_stages=NUM_STAGES):
-            idx = start + offs
-            x, kept = _kept_logits(row_ptr, idx, vocab, lo.to(tl.int32), True, KEY_SHIFT)
-            slot = num_kept + tl.cumsum(kept.to(tl.int32), axis=0) - 1
-            to_scratch = kept & (slot < KEPT_CAP)
-            scratch = pair.to(tl.int64) * KEPT_CAP + slot
-            tl.store(kept_key_ptr + scratch, _order_key(x, KEY_SHIFT), mask=to_scratch)
-            tl.store(kept_weight_ptr + scratch, _weight(x, kept, x_max, scale), mask=to_scratch)
-            num_kept += tl.sum(kept.to(tl.int32), axis=0)
         hi = key_end
-        if num_kept <= KEPT_CAP:
-            tl.debug_barrier()  # the scratch stores of every thread before the loads below
-            slots = tl.arange(0, KEPT_CAP)
-            in_use = slots < num_kept
-            kept_key = tl.load(kept_key_ptr + pair.to(tl.int64) * KEPT_CAP + slots, mask=in_use)
-            kept_weight = tl.load(
-                kept_weight_ptr + pair.to(tl.int64) * KEPT_CAP + slots, mask=in_use, other=0.0
-            )
-            target = top_p * tl.sum(kept_weight, axis=0)
-            while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                mass = tl.sum(tl.where(in_use & (kept_key >= mid), kept_weight, 0.0), axis=0)
-                if mass >= target:
-                    lo = mid
-                else:
-                    hi = mid
-        else:
-            target = top_p * _mass_at_least(
-                row_ptr, vocab, lo.to(tl.int32), x_max, scale, KEY_SHIFT, BLOCK
-            )
-            while hi - lo > 1:
-                mid = lo + (hi - lo) // 2
-                mass = _mass_at_least(
-                    row_ptr, vocab, mid.to(tl.int32), x_max, scale, KEY_SHIFT, BLOCK
-                )
-                if mass >= target:
-                    lo = mid
-                else:
-                    hi = mid
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            if _count_at_least(row_ptr, vocab, mid.to(tl.int32), KEY_SHIFT, BLOCK) >= top_k:
+                lo = mid
+            else:
+                hi = mid
+    if top_p < 1.0:
+        target = top_p * _mass_at_least(
+            row_ptr, vocab, lo.to(tl.int32), x_max, scale, KEY_SHIFT, BLOCK
+        )
+        hi = key_end
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            mass = _mass_at_least(row_ptr, vocab, mid.to(tl.int32), x_max, scale, KEY_SHIFT, BLOCK)
+            if mass >= target:
+                lo = mid
+            else:
+                hi = mid
     tl.store(threshold_ptr + pair, lo.to(tl.int32))
 
 
@@ -508,9 +444,6 @@ _KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 _BLOCK = 8192  # tokens per block of the partial/select kernels
 _CHUNK_BLOCKS = 1  # blocks per chunk: one partials program reads CHUNK = 8192 tokens of a row
 _THRESHOLD_BLOCK = 8192
-_THRESHOLD_STAGES = 3  # pipelined passes over a row: one program per row is latency-bound
-# top-p: at most this many top-k survivors per row go to registers (else passes over the row)
-_KEPT_CAP = 1024
 _NUM_WARPS = {"thresholds": 32, "partials": 4, "select": 8, "scan": 4}
 # Programmatic dependent launch for partials, select and the walk on sm_90+: each kernel launches
 # while its predecessor drains and waits (griddepcontrol.wait) before touching memory.
@@ -569,17 +502,13 @@ def _sample_pairs(
     threshold = chunk_max
     if has_threshold:
         threshold = torch.empty(num_pairs, dtype=torch.int32, device=device)
-        kept_cap = _KEPT_CAP if top_p < 1.0 else 1
-        kept_key = torch.empty(num_pairs, kept_cap, dtype=torch.int32, device=device)
-        kept_weight = torch.empty(num_pairs, kept_cap, dtype=torch.float32, device=device)
         _thresholds_kernel[(num_pairs,)](
-            logits, rows_arg, threshold, kept_key, kept_weight,
+            logits, rows_arg, threshold,
             vocab, top_k, top_p, scale,
             logits.stride(0),
             HAS_ROWS=has_rows, KEY_SHIFT=key_shift,
-            BLOCK=min(_THRESHOLD_BLOCK, triton.next_power_of_2(vocab)), KEPT_CAP=kept_cap,
-            NUM_STAGES=_THRESHOLD_STAGES,
-            num_warps=_NUM_WARPS["thresholds"], **_pdl(device),
+            BLOCK=min(_THRESHOLD_BLOCK, triton.next_power_of_2(vocab)),
+            num_warps=_NUM_WARPS["thresholds"],
         )  # fmt: skip
     _partials_kernel[(num_pairs, num_chunks)](
         logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,

@@ -15,14 +15,7 @@ import math
 import pytest
 import torch
 
-from kernels.accept import (
-    _BLOCK,
-    _CHUNK_BLOCKS,
-    _KEPT_CAP,
-    _THRESHOLD_BLOCK,
-    sample_tokens,
-    sample_tokens_ref,
-)
+from kernels.accept import _BLOCK, _CHUNK_BLOCKS, _THRESHOLD_BLOCK, sample_tokens, sample_tokens_ref
 
 CHUNK = _BLOCK * _CHUNK_BLOCKS
 MULTI_CHUNK_V = 2 * CHUNK + 77  # three chunks, the last one partial
@@ -250,25 +243,6 @@ def test_sampled_large_and_edge_vocab(vocab: int, top_k: int, top_p: float) -> N
     u = safe_uniforms(warped_probs(x, 1.0, top_k, top_p))
     got = sample_tokens(x, u, temperature=1.0, top_k=top_k, top_p=top_p)
     assert torch.equal(got, sample_tokens_ref(x, u, temperature=1.0, top_k=top_k, top_p=top_p))
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("top_k, top_p", [(20, 0.9), (_KEPT_CAP + 50, 0.5)])
-def test_top_k_then_top_p_paths(dtype: torch.dtype, top_k: int, top_p: float) -> None:
-    """top-k by radix select (2, 3 or 4 digit passes for bf16, fp16 or fp32 keys), then top-p on
-    the survivors: in registers when they fit (top_k 20), by bisection passes over the row when
-    they do not (top_k > _KEPT_CAP)."""
-    gen = torch.Generator().manual_seed(top_k)
-    for _ in range(50):  # rows in the input dtype whose top-p cut has no near-tie
-        x = (torch.randn(3, MULTI_BLOCK_V, generator=gen) * 3.0).to(dtype)
-        x[0, :5] = -math.inf  # -inf logits (weight 0) among the rest
-        if (top_p_margin(x, 0.8, top_k, top_p) >= 1e-4).all():
-            break
-    else:
-        raise AssertionError("no logits without a near-tie at the top-p cut")
-    u = safe_uniforms(warped_probs(x, 0.8, top_k, top_p))
-    got = sample_tokens(x, u, temperature=0.8, top_k=top_k, top_p=top_p)
-    assert torch.equal(got, sample_tokens_ref(x, u, temperature=0.8, top_k=top_k, top_p=top_p))
 
 
 def test_ties_at_the_cuts_are_all_kept() -> None:
