@@ -245,6 +245,24 @@ def test_sampled_large_and_edge_vocab(vocab: int, top_k: int, top_p: float) -> N
     assert torch.equal(got, sample_tokens_ref(x, u, temperature=1.0, top_k=top_k, top_p=top_p))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("top_k, top_p", [(20, 0.9), (1074, 0.5)])
+def test_top_k_then_top_p_per_dtype(dtype: torch.dtype, top_k: int, top_p: float) -> None:
+    """Both cuts on rows of several threshold blocks in each input dtype (keys of 16, 19 and 32
+    bits), with -inf logits, a small and a large top-k."""
+    gen = torch.Generator().manual_seed(top_k)
+    for _ in range(50):  # rows in the input dtype whose top-p cut has no near-tie
+        x = (torch.randn(3, MULTI_BLOCK_V, generator=gen) * 3.0).to(dtype)
+        x[0, :5] = -math.inf  # weight 0 among the rest
+        if (top_p_margin(x, 0.8, top_k, top_p) >= 1e-4).all():
+            break
+    else:
+        raise AssertionError("no logits without a near-tie at the top-p cut")
+    u = safe_uniforms(warped_probs(x, 0.8, top_k, top_p))
+    got = sample_tokens(x, u, temperature=0.8, top_k=top_k, top_p=top_p)
+    assert torch.equal(got, sample_tokens_ref(x, u, temperature=0.8, top_k=top_k, top_p=top_p))
+
+
 def test_ties_at_the_cuts_are_all_kept() -> None:
     vocab = 24
     x = torch.tensor([float(i % 4) for i in range(vocab)])[None].half()  # 0..3, six of each
