@@ -8,9 +8,10 @@ on bench_accept's shapes (B = 5, T = 16 / 32, V = 151936 / 49152, bf16), replaye
 `current` marks the shipped one. The chunking changes the sampled path's float sums, consistently
 for AR and verification (both depend on V only), so any row here is a lossless choice.
 
-It also splits the shipped configuration's graphed time (without programmatic dependent launch)
-into its kernels (torch.profiler over graph replays): each kernel's device time per call, and the
-rest of the graph's time, the gaps between dependent launches; beside it the time with PDL.
+A second sweep times top-k 20 / top-p 0.95 per warps of its two threshold kernels. Last, the
+shipped configuration's graphed time (without programmatic dependent launch) is split into its
+kernels (torch.profiler over graph replays): each kernel's device time per call, and the rest of
+the graph's time, the gaps between dependent launches; beside it the time with PDL.
 
     python -m bench.accept_chunks [--out-dir DIR]     # CUDA only; accept_chunks-<gpu>-<date>.json
 """
@@ -103,6 +104,43 @@ def sweep() -> list[dict]:
     return rows
 
 
+# top-k / top-p: (warps of the chunks' top-k kernel, warps of the threshold kernel)
+THRESHOLD_CONFIGS = ((8, 32), (4, 32), (8, 8), (8, 16), (4, 8))
+TOP_K_P = dict(temperature=0.6, top_k=20, top_p=0.95)  # Qwen3's recommended warpers
+THRESHOLD_COLUMNS = ("vocab", "T", "chunk_top_warps", "threshold_warps", "current", "us")
+
+
+def threshold_sweep() -> list[dict]:
+    """accept with top-k 20 / top-p 0.95 per warps of its two threshold kernels."""
+    shipped = (accept_module._NUM_WARPS["chunk_top"], accept_module._NUM_WARPS["thresholds"])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    rows = []
+    try:
+        for vocab in (151936, 49152):
+            for depth in (16, 32):
+                num_rows = NUM_BRANCHES * depth
+                logits = torch.randn(num_rows, vocab, device="cuda", generator=gen)
+                logits = logits.to(torch.bfloat16)
+                cand = torch.randint(0, 3, (NUM_BRANCHES, depth), device="cuda", generator=gen)
+                uniforms = torch.rand(depth, device="cuda", generator=gen)
+                for config in THRESHOLD_CONFIGS:
+                    accept_module._NUM_WARPS.update(chunk_top=config[0], thresholds=config[1])
+
+                    def call(cand=cand, logits=logits, uniforms=uniforms):
+                        return accept_module.accept(cand, logits, uniforms=uniforms, **TOP_K_P)
+
+                    call()
+                    rows.append({
+                        "vocab": vocab, "T": depth,
+                        "chunk_top_warps": config[0], "threshold_warps": config[1],
+                        "current": "*" if config == shipped else "",
+                        "us": time_us(call, cuda_graph=True, rep_ms=30)["us"],
+                    })  # fmt: skip
+    finally:
+        accept_module._NUM_WARPS.update(chunk_top=shipped[0], thresholds=shipped[1])
+    return rows
+
+
 def kernel_split(replays: int = 200) -> list[dict]:
     """The shipped configuration's graphed time per shape and mode, split into its kernels. The
     split is taken without programmatic dependent launch (under it a kernel's time includes its
@@ -161,9 +199,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     rows = sweep()
     print_table("accept per vocabulary chunking (bf16, B = 5, CUDA graph)", rows, COLUMNS)
+    thresholds = threshold_sweep()
+    title = "accept, top-k 20 / top-p 0.95, per warps of the threshold kernels"
+    print_table(title, thresholds, THRESHOLD_COLUMNS)
     split = kernel_split()
     print_table("accept's graphed time per kernel (shipped configuration)", split, SPLIT_COLUMNS)
-    path = write_results("accept_chunks", {"rows": rows, "kernel_split": split}, args.out_dir)
+    results = {"rows": rows, "thresholds": thresholds, "kernel_split": split}
+    path = write_results("accept_chunks", results, args.out_dir)
     print(f"\nwrote {path}")
     return 0
 

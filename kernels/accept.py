@@ -33,8 +33,12 @@ How the kernels find it (no sort, no materialised vocabulary; every pass is over
 * Order keys: the float32 bit pattern mapped to an int32 that orders like the value (-0 -> +0),
   shifted right by the bits the input dtype never sets (bf16 16, fp16 13, fp32 0). The top-k and
   top-p cuts are both "key >= threshold", found exactly by bisection on the key: top-k counts
-  tokens, top-p sums weights (one pass over V per step, ~16 steps for bf16). This is the slow
-  path (`_thresholds_kernel`, one program per row) and runs only when top_k / top_p are set.
+  tokens, top-p sums weights. Only when top_k / top_p are set. With 0 < top_k <= _CANDIDATES,
+  `_chunk_top_kernel` (grid (rows, chunks)) first keeps each chunk's own top-k (bisection in
+  registers, ties at its cut included); their union holds the row's whole top-k set and counts
+  exactly at every key above the row's k-th largest, so `_thresholds_kernel` (one program per
+  row) finds both cuts in registers. Otherwise (no top-k, a larger one, or a chunk whose ties do
+  not fit) it makes one pass over V per bisection step (~16 for bf16 keys).
 * `_partials_kernel`, grid (rows, chunks of CHUNK = BLOCK * CHUNK_BLOCKS tokens): greedy writes
   each chunk's max and first argmax; sampling writes each chunk's max m_c of the kept logits and
   sum_c exp2((x - m_c) * log2(e) / temperature) over the kept tokens.
@@ -163,25 +167,58 @@ def _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, NONE: tl.co
 
 
 @triton.jit
-def _thresholds_kernel(
+def _chunk_top_kernel(
     # pointers
     logits_ptr,  # [*, V]
-    rows_ptr,  # [P] int32/int64, pair -> logits row (HAS_ROWS)
-    threshold_ptr,  # [P] int32 out: keep tokens with key >= threshold
+    rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
+    cand_x_ptr,  # [P, S, CAND] f32 out: the chunk's logits with key >= its k-th largest
+    cand_count_ptr,  # [P, S] int32 out: how many (more than CAND: they did not fit)
     # sizes and scalars
     vocab,
-    top_k,  # 0: no top-k cut
-    top_p,  # 1.0: no top-p cut
-    scale,  # log2(e) / temperature
+    num_chunks,
+    top_k,
     # strides
     stride_row,
     # meta
     HAS_ROWS: tl.constexpr,
     KEY_SHIFT: tl.constexpr,
     BLOCK: tl.constexpr,
+    CAND: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    """One chunk of one row: its top_k largest logits (ties at the cut included), by bisection
+    on the key in registers. Every token of the row's top-k is in its chunk's top-k, so the
+    union of the chunks' candidates holds the row's whole top-k set."""
+    _after_previous_kernel(PDL)
     pair = tl.program_id(0)
+    chunk = tl.program_id(1)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
+    idx = chunk * BLOCK + tl.arange(0, BLOCK)
+    valid = idx < vocab
+    x = tl.load(row_ptr + idx, mask=valid, other=float("-inf")).to(tl.float32)
+    key = _order_key(x, KEY_SHIFT)
+    k = tl.minimum(top_k, tl.sum(valid.to(tl.int32), axis=0))
+    # the largest key `lo` with at least k keys >= lo: count(>= lo) >= k, count(>= hi) < k
+    lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
+    hi = tl.max(tl.where(valid, key, -2147483648), axis=0).to(tl.int64) + 1
+    while hi - lo > 1:
+        mid = lo + (hi - lo) // 2
+        if tl.sum((valid & (key >= mid.to(tl.int32))).to(tl.int32), axis=0) >= k:
+            lo = mid
+        else:
+            hi = mid
+    top = valid & (key >= lo.to(tl.int32))
+    slot = tl.cumsum(top.to(tl.int32), axis=0) - 1
+    out = (pair * num_chunks + chunk).to(tl.int64)
+    tl.store(cand_x_ptr + out * CAND + slot, x, mask=top & (slot < CAND))
+    tl.store(cand_count_ptr + out, tl.sum(top.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _threshold_by_passes(
+    row_ptr, vocab, top_k, top_p, scale, KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr
+):
+    """Both cuts' key (int64) by bisection with one pass over the row per step."""
     offs = tl.arange(0, BLOCK)
     max_acc = tl.full([BLOCK], float("-inf"), tl.float32)
     key_lo_acc = tl.full([BLOCK], 2147483647, tl.int32)
@@ -218,6 +255,81 @@ def _thresholds_kernel(
                 lo = mid
             else:
                 hi = mid
+    return lo
+
+
+@triton.jit
+def _thresholds_kernel(
+    # pointers
+    logits_ptr,  # [*, V]
+    rows_ptr,  # [P] int32/int64, pair -> logits row (HAS_ROWS)
+    threshold_ptr,  # [P] int32 out: keep tokens with key >= threshold
+    cand_x_ptr,  # [P, S, CAND] f32 (HAS_CANDIDATES): the chunks' top-k logits
+    cand_count_ptr,  # [P, S] int32 (HAS_CANDIDATES)
+    # sizes and scalars
+    vocab,
+    num_chunks,
+    top_k,  # 0: no top-k cut
+    top_p,  # 1.0: no top-p cut
+    scale,  # log2(e) / temperature
+    # strides
+    stride_row,
+    # meta
+    HAS_ROWS: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_CANDIDATES: tl.constexpr,
+    CAND: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    _after_previous_kernel(PDL)
+    pair = tl.program_id(0)
+    row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
+    if HAS_CANDIDATES:
+        # the union of the chunks' top-k (`_chunk_top_kernel`) holds every token the two cuts
+        # keep, and counts exactly at every key >= the row's k-th largest: both cuts are
+        # bisections in registers, with no pass over the row, unless a chunk's ties overflowed
+        chunk_ids = tl.arange(0, BLOCK_S)
+        counts = tl.load(
+            cand_count_ptr + pair * num_chunks + chunk_ids, mask=chunk_ids < num_chunks, other=0
+        )
+        if tl.max(counts, axis=0) <= CAND:
+            slots = tl.arange(0, CAND)
+            in_union = slots[None, :] < counts[:, None]
+            cand_rows = (pair * num_chunks + chunk_ids).to(tl.int64) * CAND
+            cand = tl.load(
+                cand_x_ptr + cand_rows[:, None] + slots[None, :], mask=in_union, other=float("-inf")
+            )
+            cand_key = tl.where(in_union, _order_key(cand, KEY_SHIFT), -2147483648)
+            lo = tl.min(tl.min(tl.where(in_union, cand_key, 2147483647), axis=1), axis=0)
+            lo = lo.to(tl.int64)
+            hi = tl.max(tl.max(cand_key, axis=1), axis=0).to(tl.int64) + 1
+            key_end = hi
+            while hi - lo > 1:
+                mid = lo + (hi - lo) // 2
+                above = (in_union & (cand_key >= mid.to(tl.int32))).to(tl.int32)
+                if tl.sum(tl.sum(above, axis=1), axis=0) >= top_k:
+                    lo = mid
+                else:
+                    hi = mid
+            if top_p < 1.0:
+                x_max = tl.max(tl.max(cand, axis=1), axis=0)
+                cand_kept = in_union & (cand_key >= lo.to(tl.int32))
+                cand_w = _weight(cand, cand_kept, x_max, scale)
+                target = top_p * tl.sum(tl.sum(cand_w, axis=1), axis=0)
+                hi = key_end
+                while hi - lo > 1:
+                    mid = lo + (hi - lo) // 2
+                    mass_above = tl.where(cand_key >= mid.to(tl.int32), cand_w, 0.0)
+                    if tl.sum(tl.sum(mass_above, axis=1), axis=0) >= target:
+                        lo = mid
+                    else:
+                        hi = mid
+        else:
+            lo = _threshold_by_passes(row_ptr, vocab, top_k, top_p, scale, KEY_SHIFT, BLOCK)
+    else:
+        lo = _threshold_by_passes(row_ptr, vocab, top_k, top_p, scale, KEY_SHIFT, BLOCK)
     tl.store(threshold_ptr + pair, lo.to(tl.int32))
 
 
@@ -444,7 +556,10 @@ _KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 _BLOCK = 8192  # tokens per block of the partial/select kernels
 _CHUNK_BLOCKS = 1  # blocks per chunk: one partials program reads CHUNK = 8192 tokens of a row
 _THRESHOLD_BLOCK = 8192
-_NUM_WARPS = {"thresholds": 32, "partials": 4, "select": 8, "scan": 4}
+_NUM_WARPS = {"thresholds": 32, "chunk_top": 8, "partials": 4, "select": 8, "scan": 4}
+# top-k <= _CANDIDATES: each chunk's top-k (ties at its cut included, up to _CANDIDATES tokens)
+# goes to a scratch buffer, and both cuts are found in registers over their union
+_CANDIDATES = 128
 # Programmatic dependent launch for partials, select and the walk on sm_90+: each kernel launches
 # while its predecessor drains and waits (griddepcontrol.wait) before touching memory.
 _PDL = True
@@ -502,13 +617,28 @@ def _sample_pairs(
     threshold = chunk_max
     if has_threshold:
         threshold = torch.empty(num_pairs, dtype=torch.int32, device=device)
+        # a small top-k: first every chunk's own top-k, over (rows, chunks) programs
+        has_candidates = 0 < top_k <= _CANDIDATES and chunk_blocks == 1
+        cand_x = cand_count = chunk_max  # unused pointers without candidates
+        if has_candidates:
+            cand_x = torch.empty(num_pairs, num_chunks, _CANDIDATES, device=device)
+            cand_count = torch.empty(num_pairs, num_chunks, dtype=torch.int32, device=device)
+            _chunk_top_kernel[(num_pairs, num_chunks)](
+                logits, rows_arg, cand_x, cand_count,
+                vocab, num_chunks, top_k,
+                logits.stride(0),
+                HAS_ROWS=has_rows, KEY_SHIFT=key_shift, BLOCK=block, CAND=_CANDIDATES,
+                num_warps=_NUM_WARPS["chunk_top"], **_pdl(device),
+            )  # fmt: skip
         _thresholds_kernel[(num_pairs,)](
-            logits, rows_arg, threshold,
-            vocab, top_k, top_p, scale,
+            logits, rows_arg, threshold, cand_x, cand_count,
+            vocab, num_chunks, top_k, top_p, scale,
             logits.stride(0),
             HAS_ROWS=has_rows, KEY_SHIFT=key_shift,
             BLOCK=min(_THRESHOLD_BLOCK, triton.next_power_of_2(vocab)),
-            num_warps=_NUM_WARPS["thresholds"],
+            HAS_CANDIDATES=has_candidates, CAND=_CANDIDATES,
+            BLOCK_S=triton.next_power_of_2(num_chunks),
+            num_warps=_NUM_WARPS["thresholds"], **_pdl(device),
         )  # fmt: skip
     _partials_kernel[(num_pairs, num_chunks)](
         logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,

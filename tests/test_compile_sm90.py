@@ -23,7 +23,13 @@ DTYPES = ("bf16", "fp16")
 
 def _variants():
     """(kernel, signature, constexprs, options) for every variant the launchers make."""
-    from kernels.accept import _accept_scan_kernel, _partials_kernel, _select_kernel
+    from kernels.accept import (
+        _accept_scan_kernel,
+        _chunk_top_kernel,
+        _partials_kernel,
+        _select_kernel,
+        _thresholds_kernel,
+    )
     from kernels.branch_attention import _branch_kernel
     from kernels.emit import _emit_kernel
     from kernels.prefix_attention import _prefix_split_kernel
@@ -72,6 +78,23 @@ def _variants():
             for pdl in (False, True):
                 yield _partials_kernel, *_sampler_variant(dtype, greedy, pdl, select=False)
                 yield _select_kernel, *_sampler_variant(dtype, greedy, pdl, select=True)
+    for dtype, key_shift, candidates in (
+        ("bf16", 16, True),
+        ("fp16", 13, False),
+        ("fp32", 0, True),
+    ):
+        signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "cand_x_ptr": "*fp32"}
+        signature |= {"cand_count_ptr": "*i32", "vocab": "i32", "num_chunks": "i32"}
+        signature |= {"top_k": "i32", "stride_row": "i64"}
+        const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "BLOCK": 8192, "CAND": 128, "PDL": True}
+        yield _chunk_top_kernel, signature, const, {"num_warps": 8, "launch_pdl": True}
+        signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*i32"}
+        signature |= {"cand_x_ptr": "*fp32", "cand_count_ptr": "*i32", "vocab": "i32"}
+        signature |= {"num_chunks": "i32", "top_k": "i32", "top_p": "fp32", "scale": "fp32"}
+        signature["stride_row"] = "i64"
+        const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "BLOCK": 8192}
+        const |= {"HAS_CANDIDATES": candidates, "CAND": 128, "BLOCK_S": 32, "PDL": True}
+        yield _thresholds_kernel, signature, const, {"num_warps": 32, "launch_pdl": True}
     for pdl in (False, True):
         signature = {"cand_ptr": "*i64", "rows_ptr": "*i32", "tokens_ptr": "*i64"}
         signature |= {"num_accepted_ptr": "*i32", "bonus_ptr": "*i64", "branch_ptr": "*i32"}
@@ -177,9 +200,10 @@ def test_kernels_compile_for_sm90() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # per dtype: rms_norm, silu_mul, emit, rope tables, rope, prefix, branch, accept's partials
-    # and select (greedy / sampled, with and without PDL); then the walk (with and without)
+    # and select (greedy / sampled, with and without PDL); then the chunks' top-k and the
+    # threshold kernels (bf16, fp16, fp32) and the walk (with and without PDL)
     per_dtype = 6 + 1 + 3 + 2 + 8 + 8 + 6 + 8
-    assert proc.stdout.count("ok ") == len(DTYPES) * per_dtype + 2, proc.stdout
+    assert proc.stdout.count("ok ") == len(DTYPES) * per_dtype + 6 + 2, proc.stdout
 
 
 if __name__ == "__main__":

@@ -15,7 +15,14 @@ import math
 import pytest
 import torch
 
-from kernels.accept import _BLOCK, _CHUNK_BLOCKS, _THRESHOLD_BLOCK, sample_tokens, sample_tokens_ref
+from kernels.accept import (
+    _BLOCK,
+    _CANDIDATES,
+    _CHUNK_BLOCKS,
+    _THRESHOLD_BLOCK,
+    sample_tokens,
+    sample_tokens_ref,
+)
 
 CHUNK = _BLOCK * _CHUNK_BLOCKS
 MULTI_CHUNK_V = 2 * CHUNK + 77  # three chunks, the last one partial
@@ -287,6 +294,39 @@ def test_all_equal_logits() -> None:
     for top_k, top_p in [(0, 1.0), (3, 1.0), (0, 0.5)]:  # ties keep every token in both cuts
         got = sample_tokens(x, u, temperature=0.8, top_k=top_k, top_p=top_p)
         assert got.tolist() == list(range(vocab))
+
+
+@pytest.mark.parametrize("top_k, top_p", [(20, 1.0), (20, 0.51), (_CANDIDATES + 22, 1.0)])
+def test_kept_sets_are_exact(top_k: int, top_p: float) -> None:
+    """Nearly flat distinct logits and a grid of uniforms finer than every kept token's interval
+    draw each kept token, so an off-by-one cut shows: top-k from the chunks' candidates (top_k
+    20, then top-p) and from passes over the row (top_k > _CANDIDATES)."""
+    vocab = _CANDIDATES + 200
+    x = (torch.randperm(vocab, generator=torch.Generator().manual_seed(1)) * 1e-4)[None]
+    grid = ((torch.arange(2 * top_k, dtype=torch.float64) + 0.5) / (2 * top_k)).float()
+    got = sample_tokens(x.expand(len(grid), vocab), grid, temperature=1.0, top_k=top_k, top_p=top_p)
+    kept = x[0].argsort(descending=True)[:top_k]
+    if top_p < 1.0:  # equal-ish weights: the nucleus is about top_p * top_k of the largest
+        kept = kept[: math.ceil(top_p * top_k)]
+    assert sorted(set(got.tolist())) == sorted(kept.tolist())
+    ref = sample_tokens_ref(
+        x.expand(len(grid), vocab), grid, temperature=1.0, top_k=top_k, top_p=top_p
+    )
+    assert torch.equal(got, ref)
+
+
+def test_ties_beyond_the_candidates() -> None:
+    """A chunk whose ties at its top-k cut do not fit the candidate buffer (_CANDIDATES): the
+    threshold kernel falls back to passes over the row, with the same cuts."""
+    vocab = _CANDIDATES + 200
+    x = torch.zeros(2, vocab)
+    x[0, ::7] = 1.0  # ~47 tokens tied at the top, then the rest tied at 0
+    u = (torch.arange(2, dtype=torch.float32) + 0.5) / 2
+    for top_k, top_p in [(3, 1.0), (60, 1.0), (60, 0.2)]:  # cut inside the top ties / the zeros
+        got = sample_tokens(x, u, temperature=1.0, top_k=top_k, top_p=top_p)
+        assert torch.equal(got, sample_tokens_ref(x, u, temperature=1.0, top_k=top_k, top_p=top_p))
+        if top_k == 60 and top_p == 1.0:
+            assert int(got[1]) % 7 != 0  # u = 0.75 lands among the zeros, all kept by the tie
 
 
 def test_extreme_uniforms() -> None:
