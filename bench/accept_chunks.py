@@ -104,15 +104,16 @@ def sweep() -> list[dict]:
     return rows
 
 
-# top-k / top-p: (warps of the chunks' top-k kernel, warps of the threshold kernel)
-THRESHOLD_CONFIGS = ((8, 32), (4, 32), (8, 8), (8, 16), (4, 8))
+# top-k / top-p: (warps of the chunks' top-k kernel, warps of the threshold kernel over their
+# union); the first sweep (bench/results/accept_chunks-chunk-top-*) picked (4, 8)
+THRESHOLD_CONFIGS = ((4, 8), (8, 32), (4, 4), (2, 8), (4, 16))
 TOP_K_P = dict(temperature=0.6, top_k=20, top_p=0.95)  # Qwen3's recommended warpers
 THRESHOLD_COLUMNS = ("vocab", "T", "chunk_top_warps", "threshold_warps", "current", "us")
 
 
 def threshold_sweep() -> list[dict]:
     """accept with top-k 20 / top-p 0.95 per warps of its two threshold kernels."""
-    shipped = (accept_module._NUM_WARPS["chunk_top"], accept_module._NUM_WARPS["thresholds"])
+    shipped = (accept_module._NUM_WARPS["chunk_top"], accept_module._NUM_WARPS["union"])
     gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     try:
@@ -124,7 +125,7 @@ def threshold_sweep() -> list[dict]:
                 cand = torch.randint(0, 3, (NUM_BRANCHES, depth), device="cuda", generator=gen)
                 uniforms = torch.rand(depth, device="cuda", generator=gen)
                 for config in THRESHOLD_CONFIGS:
-                    accept_module._NUM_WARPS.update(chunk_top=config[0], thresholds=config[1])
+                    accept_module._NUM_WARPS.update(chunk_top=config[0], union=config[1])
 
                     def call(cand=cand, logits=logits, uniforms=uniforms):
                         return accept_module.accept(cand, logits, uniforms=uniforms, **TOP_K_P)
@@ -137,7 +138,7 @@ def threshold_sweep() -> list[dict]:
                         "us": time_us(call, cuda_graph=True, rep_ms=30)["us"],
                     })  # fmt: skip
     finally:
-        accept_module._NUM_WARPS.update(chunk_top=shipped[0], thresholds=shipped[1])
+        accept_module._NUM_WARPS.update(chunk_top=shipped[0], union=shipped[1])
     return rows
 
 

@@ -186,9 +186,9 @@ def _chunk_top_kernel(
     CAND: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """One chunk of one row: its top_k largest logits (ties at the cut included), by bisection
-    on the key in registers. Every token of the row's top-k is in its chunk's top-k, so the
-    union of the chunks' candidates holds the row's whole top-k set."""
+    """One chunk of one row: its top_k largest logits (ties at the cut included) and maybe a few
+    more, up to CAND, by bisection on the key in registers. Every token of the row's top-k is in
+    its chunk's top-k, so the union of the chunks' candidates holds the row's whole top-k set."""
     _after_previous_kernel(PDL)
     pair = tl.program_id(0)
     chunk = tl.program_id(1)
@@ -198,13 +198,18 @@ def _chunk_top_kernel(
     x = tl.load(row_ptr + idx, mask=valid, other=float("-inf")).to(tl.float32)
     key = _order_key(x, KEY_SHIFT)
     k = tl.minimum(top_k, tl.sum(valid.to(tl.int32), axis=0))
-    # the largest key `lo` with at least k keys >= lo: count(>= lo) >= k, count(>= hi) < k
+    # A key `lo` with count(>= lo) >= k: every key of the chunk's top-k is >= lo. Bisection
+    # towards the k-th largest (count(>= hi) < k), stopped as soon as the keys >= lo fit in CAND
+    # slots: any such lo keeps the union exact (see the threshold kernel).
     lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
     hi = tl.max(tl.where(valid, key, -2147483648), axis=0).to(tl.int64) + 1
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2
-        if tl.sum((valid & (key >= mid.to(tl.int32))).to(tl.int32), axis=0) >= k:
+        count = tl.sum((valid & (key >= mid.to(tl.int32))).to(tl.int32), axis=0)
+        if count >= k:
             lo = mid
+            if count <= CAND:
+                hi = mid + 1
         else:
             hi = mid
     top = valid & (key >= lo.to(tl.int32))
@@ -550,13 +555,15 @@ _KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 # Measured on the H200 (B = 5, T = 16, bf16, V = 151936 / 49152; bench.accept_chunks): one
 # 8192-token block per chunk and program beat larger chunks and smaller blocks; 4 partials warps
 # beat 8 (greedy accept 12.4 vs 12.5 us at V 151936); a few programs per SM looping over the
-# chunks (pipelined) were slower (13.0+ us); 32 warps of 8192 were the fastest threshold passes.
+# chunks (pipelined) were slower (13.0+ us); 32 warps of 8192 were the fastest threshold passes;
+# top-k 20 / top-p 0.95 at V 151936 T 16: 4 warps for the chunks' top-k and 8 for the cuts over
+# their union took 125 us against 150 us with 8 / 32.
 # Changing BLOCK / CHUNK changes the sampled rounding (consistently for AR and verification: they
 # depend on V only).
 _BLOCK = 8192  # tokens per block of the partial/select kernels
 _CHUNK_BLOCKS = 1  # blocks per chunk: one partials program reads CHUNK = 8192 tokens of a row
 _THRESHOLD_BLOCK = 8192
-_NUM_WARPS = {"thresholds": 32, "chunk_top": 8, "partials": 4, "select": 8, "scan": 4}
+_NUM_WARPS = {"thresholds": 32, "union": 8, "chunk_top": 4, "partials": 4, "select": 8, "scan": 4}
 # top-k <= _CANDIDATES: each chunk's top-k (ties at its cut included, up to _CANDIDATES tokens)
 # goes to a scratch buffer, and both cuts are found in registers over their union
 _CANDIDATES = 128
@@ -638,7 +645,7 @@ def _sample_pairs(
             BLOCK=min(_THRESHOLD_BLOCK, triton.next_power_of_2(vocab)),
             HAS_CANDIDATES=has_candidates, CAND=_CANDIDATES,
             BLOCK_S=triton.next_power_of_2(num_chunks),
-            num_warps=_NUM_WARPS["thresholds"], **_pdl(device),
+            num_warps=_NUM_WARPS["union" if has_candidates else "thresholds"], **_pdl(device),
         )  # fmt: skip
     _partials_kernel[(num_pairs, num_chunks)](
         logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,

@@ -47,7 +47,7 @@
 #   call s16 carry [".device-gb"]           right after s15: d2sd.run triton / torch on the real
 #                                           GGUF (GPU0) || the real-target tests (GPU1)
 #   call s17 carry []                       top-k from the chunks' candidates: accept and sampler
-#                                           GPU tests (GPU0) || accept's benchmark and sweeps (GPU1)
+#   call s18 (= s17, after the early stop)  GPU tests (GPU0) || accept's benchmark and sweeps (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -64,7 +64,7 @@
 # (~2 min each); its full 60-shape run then takes ~140 s.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4|s5|s6|s7|s8|s9|s13|s14|s15|s16|s17}
+call=${1:?usage: tools/gpu_calls.sh 1|2|3|s1|s2|s3|s4|s5|s6|s7|s8|s9|s13|s14|s15|s16|s17|s18}
 out=${OUT:-gpu-out}
 work="$out/w"
 mkdir -p "$work" /root/stash
@@ -254,7 +254,7 @@ case "$call" in
       -p no:cacheprovider -k smollm2 tests/ &
     wait
     ;;
-  s17)  # top-k from the chunks' candidates: accept/sampler GPU tests (GPU0) || the accept
+  s17 | s18)  # top-k from the chunks' candidates (s18: stopped early, tuned warps): accept/sampler GPU tests (GPU0) || the accept
     # benchmark and sweeps (GPU1)
     run_on 0 200 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_accept.py tests/test_sample_tokens.py &
@@ -263,7 +263,7 @@ case "$call" in
     wait
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s17; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s18; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
