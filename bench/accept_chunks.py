@@ -73,32 +73,36 @@ def _shipped() -> tuple:
     )
 
 
+def _inputs():
+    """bench_accept's shapes: (vocab, T, cand_tokens [B, T], bf16 logits [B * T, V], uniforms)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for vocab in (151936, 49152):
+        for depth in (16, 32):
+            num_rows = NUM_BRANCHES * depth
+            logits = torch.randn(num_rows, vocab, device="cuda", generator=gen).to(torch.bfloat16)
+            cand = torch.randint(0, 3, (NUM_BRANCHES, depth), device="cuda", generator=gen)
+            yield vocab, depth, cand, logits, torch.rand(depth, device="cuda", generator=gen)
+
+
 def sweep() -> list[dict]:
     shipped = _shipped()
-    gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     try:
-        for vocab in (151936, 49152):
-            for depth in (16, 32):
-                num_rows = NUM_BRANCHES * depth
-                logits = torch.randn(num_rows, vocab, device="cuda", generator=gen)
-                logits = logits.to(torch.bfloat16)
-                cand = torch.randint(0, 3, (NUM_BRANCHES, depth), device="cuda", generator=gen)
-                uniforms = torch.rand(depth, device="cuda", generator=gen)
-                for config in CONFIGS:
-                    _configure(*config)
-                    for mode, warpers in MODES.items():
+        for vocab, depth, cand, logits, uniforms in _inputs():
+            for config in CONFIGS:
+                _configure(*config)
+                for mode, warpers in MODES.items():
 
-                        def call(cand=cand, logits=logits, uniforms=uniforms, warpers=warpers):
-                            return accept_module.accept(cand, logits, uniforms=uniforms, **warpers)
+                    def call(cand=cand, logits=logits, uniforms=uniforms, warpers=warpers):
+                        return accept_module.accept(cand, logits, uniforms=uniforms, **warpers)
 
-                        call()  # compile outside the timing
-                        rows.append({
-                            "vocab": vocab, "T": depth, "mode": mode,
-                            **dict(zip(KNOBS, config)),
-                            "current": "*" if config == shipped else "",
-                            "us": time_us(call, cuda_graph=True, rep_ms=30)["us"],
-                        })  # fmt: skip
+                    call()  # compile outside the timing
+                    rows.append({
+                        "vocab": vocab, "T": depth, "mode": mode,
+                        **dict(zip(KNOBS, config)),
+                        "current": "*" if config == shipped else "",
+                        "us": time_us(call, cuda_graph=True, rep_ms=30)["us"],
+                    })  # fmt: skip
     finally:
         _configure(*shipped)
     return rows
@@ -114,29 +118,22 @@ THRESHOLD_COLUMNS = ("vocab", "T", "chunk_top_warps", "threshold_warps", "curren
 def threshold_sweep() -> list[dict]:
     """accept with top-k 20 / top-p 0.95 per warps of its two threshold kernels."""
     shipped = (accept_module._NUM_WARPS["chunk_top"], accept_module._NUM_WARPS["union"])
-    gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
     try:
-        for vocab in (151936, 49152):
-            for depth in (16, 32):
-                num_rows = NUM_BRANCHES * depth
-                logits = torch.randn(num_rows, vocab, device="cuda", generator=gen)
-                logits = logits.to(torch.bfloat16)
-                cand = torch.randint(0, 3, (NUM_BRANCHES, depth), device="cuda", generator=gen)
-                uniforms = torch.rand(depth, device="cuda", generator=gen)
-                for config in THRESHOLD_CONFIGS:
-                    accept_module._NUM_WARPS.update(chunk_top=config[0], union=config[1])
+        for vocab, depth, cand, logits, uniforms in _inputs():
+            for config in THRESHOLD_CONFIGS:
+                accept_module._NUM_WARPS.update(chunk_top=config[0], union=config[1])
 
-                    def call(cand=cand, logits=logits, uniforms=uniforms):
-                        return accept_module.accept(cand, logits, uniforms=uniforms, **TOP_K_P)
+                def call(cand=cand, logits=logits, uniforms=uniforms):
+                    return accept_module.accept(cand, logits, uniforms=uniforms, **TOP_K_P)
 
-                    call()
-                    rows.append({
-                        "vocab": vocab, "T": depth,
-                        "chunk_top_warps": config[0], "threshold_warps": config[1],
-                        "current": "*" if config == shipped else "",
-                        "us": time_us(call, cuda_graph=True, rep_ms=30)["us"],
-                    })  # fmt: skip
+                call()
+                rows.append({
+                    "vocab": vocab, "T": depth,
+                    "chunk_top_warps": config[0], "threshold_warps": config[1],
+                    "current": "*" if config == shipped else "",
+                    "us": time_us(call, cuda_graph=True, rep_ms=30)["us"],
+                })  # fmt: skip
     finally:
         accept_module._NUM_WARPS.update(chunk_top=shipped[0], union=shipped[1])
     return rows
@@ -149,47 +146,41 @@ def kernel_split(replays: int = 200) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
     shipped_pdl = accept_module._PDL
-    gen = torch.Generator(device="cuda").manual_seed(0)
     rows = []
-    for vocab in (151936, 49152):
-        for depth in (16, 32):
-            num_rows = NUM_BRANCHES * depth
-            logits = torch.randn(num_rows, vocab, device="cuda", generator=gen).to(torch.bfloat16)
-            cand = torch.randint(0, 3, (NUM_BRANCHES, depth), device="cuda", generator=gen)
-            uniforms = torch.rand(depth, device="cuda", generator=gen)
-            for mode, warpers in MODES.items():
+    for vocab, depth, cand, logits, uniforms in _inputs():
+        for mode, warpers in MODES.items():
 
-                def call(cand=cand, logits=logits, uniforms=uniforms, warpers=warpers):
-                    return accept_module.accept(cand, logits, uniforms=uniforms, **warpers)
+            def call(cand=cand, logits=logits, uniforms=uniforms, warpers=warpers):
+                return accept_module.accept(cand, logits, uniforms=uniforms, **warpers)
 
-                accept_module._PDL = True
+            accept_module._PDL = True
+            call()
+            pdl_us = time_us(call, cuda_graph=True, rep_ms=30)["us"]
+            accept_module._PDL = False
+            call()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
                 call()
-                pdl_us = time_us(call, cuda_graph=True, rep_ms=30)["us"]
-                accept_module._PDL = False
-                call()
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    call()
-                graph.replay()
+            graph.replay()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(replays):
+                    graph.replay()
                 torch.cuda.synchronize()
-                with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    for _ in range(replays):
-                        graph.replay()
-                    torch.cuda.synchronize()
-                per_kernel = {
-                    event.key.removeprefix("_").removesuffix("_kernel")[:24]: round(
-                        event.self_device_time_total / replays, 2
-                    )
-                    for event in prof.key_averages()
-                    if event.self_device_time_total > 0
-                }
-                graphed = time_us(call, cuda_graph=True, rep_ms=30)["us"]
-                kernels_us = sum(per_kernel.values())
-                rows.append({
-                    "vocab": vocab, "T": depth, "mode": mode, "us": graphed, "pdl_us": pdl_us,
-                    "kernels_us": kernels_us, "gaps_us": graphed - kernels_us,
-                    "per_kernel": per_kernel,
-                })  # fmt: skip
+            per_kernel = {
+                event.key.removeprefix("_").removesuffix("_kernel")[:24]: round(
+                    event.self_device_time_total / replays, 2
+                )
+                for event in prof.key_averages()
+                if event.self_device_time_total > 0
+            }
+            graphed = time_us(call, cuda_graph=True, rep_ms=30)["us"]
+            kernels_us = sum(per_kernel.values())
+            rows.append({
+                "vocab": vocab, "T": depth, "mode": mode, "us": graphed, "pdl_us": pdl_us,
+                "kernels_us": kernels_us, "gaps_us": graphed - kernels_us,
+                "per_kernel": per_kernel,
+            })  # fmt: skip
     accept_module._PDL = shipped_pdl
     return rows
 

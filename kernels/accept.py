@@ -388,7 +388,8 @@ def _partials_kernel(
             run_max = tl.maximum(run_max, block_max)
         else:
             new_max = tl.maximum(run_max, tl.max(x, axis=0))
-            # 0 while nothing is kept, so a chunk with nothing kept stays (-inf, 0) without -inf + inf
+            # 0 while nothing is kept, so a chunk with nothing kept stays (-inf, 0) without
+            # -inf + inf
             ref_max = tl.where(new_max > float("-inf"), new_max, 0.0)
             run_mass = run_mass * tl.exp2((run_max - ref_max) * scale)
             run_mass += tl.sum(_weight(x, kept, ref_max, scale), axis=0)

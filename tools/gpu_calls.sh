@@ -85,6 +85,18 @@ with_drafters() {  # the drafters trained in call 2, where d2sd.run looks for th
   mkdir -p d2sd/checkpoints && cp -r /root/ck/smollm2-dflash /root/ck/smollm2-vp d2sd/checkpoints/
 }
 
+real_target() {  # real_target BACKENDS RUN_LIMIT TEST_LIMIT: the default GGUF reassembled, then
+  # d2sd.run per backend (GPU0) || the real-target tests (GPU1)
+  bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+  (for backend in $1; do
+    D2SD_DEFAULT_GGUF=$gguf run_on 0 "$2" "gpu0-run-$backend.log" python3 -m d2sd.run \
+      --backend "$backend" --json "$work/run-$backend.json"
+  done) &
+  D2SD_DEFAULT_GGUF=$gguf run_on 1 "$3" gpu1-e2e-tests.log python3 -m pytest -m gpu -q \
+    -p no:cacheprovider -k smollm2 tests/ &
+  wait
+}
+
 suite() {  # suite GPU LIMIT TEMPERATURES: the benchmark suite into /root/suite (resumable)
   D2SD_DEFAULT_GGUF=$gguf run_on "$1" "$2" suite.log python3 -m d2sd.bench --temperatures "$3" \
     --max-samples "${EVAL_SAMPLES:-40}" --data-dir .stage/datasets --out /root/suite
@@ -135,14 +147,7 @@ case "$call" in
     wait
     ;;
   s2)
-    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
-    (for backend in triton torch flashinfer; do
-      D2SD_DEFAULT_GGUF=$gguf run_on 0 170 "gpu0-run-$backend.log" python3 -m d2sd.run \
-        --backend "$backend" --json "$work/run-$backend.json"
-    done) &
-    D2SD_DEFAULT_GGUF=$gguf run_on 1 520 gpu1-e2e-tests.log python3 -m pytest -m gpu -q \
-      -p no:cacheprovider -k smollm2 tests/ &
-    wait
+    real_target "triton torch flashinfer" 170 520
     ;;
   s3)
     cp .device-ga/part_a /root/stash/
@@ -244,18 +249,11 @@ case "$call" in
     ;;
   s16)  # after s15 on the same warm machine: the default GGUF reassembled (gguf from the wheel
     # in .device-gb), d2sd.run triton then torch (GPU0) || the real-target tests (GPU1)
-    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-gb/gguf-*.whl
-    (for backend in triton torch; do
-      D2SD_DEFAULT_GGUF=$gguf run_on 0 200 "gpu0-run-$backend.log" python3 -m d2sd.run \
-        --backend "$backend" --json "$work/run-$backend.json"
-    done) &
-    D2SD_DEFAULT_GGUF=$gguf run_on 1 280 gpu1-e2e-tests.log python3 -m pytest -m gpu -q \
-      -p no:cacheprovider -k smollm2 tests/ &
-    wait
+    real_target "triton torch" 200 280
     ;;
-  s17 | s18)  # top-k from the chunks' candidates (s18: stopped early, tuned warps): accept/sampler GPU tests (GPU0) || the accept
-    # benchmark and sweeps (GPU1)
+  s17 | s18)  # top-k from the chunks' candidates (s18: stopped early, tuned warps): the accept
+    # and sampler GPU tests (GPU0) || the accept benchmark and sweeps (GPU1)
     run_on 0 200 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_accept.py tests/test_sample_tokens.py &
     (run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
