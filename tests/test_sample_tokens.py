@@ -315,6 +315,37 @@ def test_kept_sets_are_exact(top_k: int, top_p: float) -> None:
     assert torch.equal(got, ref)
 
 
+def test_chunk_candidates_hold_the_chunk_top_k() -> None:
+    """`_chunk_top_kernel`'s contract, which the cuts over the union rest on: a chunk stores every
+    logit >= some key c with count(>= c) >= k, all of them when they fit in _CANDIDATES slots
+    (count <= _CANDIDATES), else reports the overflow. Ties and spread logits, k from 1 to 128."""
+    from kernels.accept import _KEY_SHIFT, _chunk_top_kernel
+
+    gen = torch.Generator().manual_seed(3)
+    vocab, block = 3000, 4096  # one chunk, partly past the vocabulary
+    for trial in range(24):
+        if trial % 2:
+            x = torch.randint(0, 40, (1, vocab), generator=gen).float()  # many ties
+        else:
+            x = torch.randn(1, vocab, generator=gen) * 3.0
+        top_k = int(torch.randint(1, _CANDIDATES + 1, (1,), generator=gen))
+        cand_x = torch.full((1, 1, _CANDIDATES), float("nan"))
+        cand_count = torch.zeros(1, 1, dtype=torch.int32)
+        _chunk_top_kernel[(1, 1)](
+            x, x, cand_x, cand_count, vocab, 1, top_k, x.stride(0),
+            HAS_ROWS=False, KEY_SHIFT=_KEY_SHIFT[torch.float32], BLOCK=block,
+            CAND=_CANDIDATES, PDL=False,
+        )  # fmt: skip
+        count = int(cand_count)
+        kth = x[0].sort(descending=True).values[top_k - 1]
+        assert count >= (x[0] >= kth).sum() >= top_k
+        if count <= _CANDIDATES:
+            stored = cand_x[0, 0, :count]
+            cut = stored.min()
+            assert torch.equal(stored.sort().values, x[0][x[0] >= cut].sort().values)
+            assert cut <= kth and torch.isnan(cand_x[0, 0, count:]).all()
+
+
 def test_ties_beyond_the_candidates() -> None:
     """A chunk whose ties at its top-k cut do not fit the candidate buffer (_CANDIDATES): the
     threshold kernel falls back to passes over the row, with the same cuts."""
