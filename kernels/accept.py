@@ -35,7 +35,7 @@ How the kernels find it (no sort, no materialised vocabulary; every pass is over
   top-p cuts are both "key >= threshold", found exactly by bisection on the key: top-k counts
   tokens, top-p sums weights. Only when top_k / top_p are set. With 0 < top_k <= _CANDIDATES,
   `_chunk_top_kernel` (grid (rows, chunks)) first keeps each chunk's own top-k (bisection in
-  registers, ties at its cut included); their union holds the row's whole top-k set and counts
+  registers, ties at its cut included, a few more when they fit); their union holds the row's whole top-k set and counts
   exactly at every key above the row's k-th largest, so `_thresholds_kernel` (one program per
   row) finds both cuts in registers. Otherwise (no top-k, a larger one, or a chunk whose ties do
   not fit) it makes one pass over V per bisection step (~16 for bf16 keys).
@@ -171,7 +171,7 @@ def _chunk_top_kernel(
     # pointers
     logits_ptr,  # [*, V]
     rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
-    cand_x_ptr,  # [P, S, CAND] f32 out: the chunk's logits with key >= its k-th largest
+    cand_x_ptr,  # [P, S, CAND] f32 out: the chunk's logits with key >= a cut <= its k-th largest
     cand_count_ptr,  # [P, S] int32 out: how many (more than CAND: they did not fit)
     # sizes and scalars
     vocab,
