@@ -72,12 +72,13 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+
+from kernels._attention import interpreting
 
 # ----------------------------------------------------------------------------------------------
 # The sampling math, written once (jit helpers shared by every kernel below)
@@ -577,7 +578,7 @@ _PDL = True
 def _pdl_supported(device: torch.device) -> bool:
     return (
         device.type == "cuda"
-        and os.environ.get("TRITON_INTERPRET", "0") != "1"
+        and not interpreting()
         and torch.cuda.get_device_capability(device)[0] >= 9
     )
 
