@@ -8,9 +8,8 @@ on bench_accept's shapes (B = 5, T = 16 / 32, V = 151936 / 49152, bf16), replaye
 `current` marks the shipped one. The chunking changes the sampled path's float sums, consistently
 for AR and verification (both depend on V only), so any row here is a lossless choice.
 
-A second sweep times top-k 20 / top-p 0.95 per warps of its two threshold kernels. Last, the
-shipped configuration's graphed time (without programmatic dependent launch) is split into its
-kernels (torch.profiler over graph replays): each kernel's device time per call, and the rest of
+A second sweep times top-k 20 / top-p 0.95 per warps of its two threshold kernels. Last, the shipped configuration's graphed
+time (without programmatic dependent launch) is split into its kernels (torch.profiler over graph replays): each kernel's device time per call, and the rest of
 the graph's time, the gaps between dependent launches; beside it the time with PDL.
 
     python -m bench.accept_chunks [--out-dir DIR]     # CUDA only; accept_chunks-<gpu>-<date>.json
@@ -35,17 +34,16 @@ from bench.bench_accept import NUM_BRANCHES
 accept_module = importlib.import_module("kernels.accept")
 
 # (BLOCK, CHUNK_BLOCKS, partials warps, select warps, walk warps, programmatic dependent launch);
-# earlier sweeps (bench/results/accept_chunks-*) found CHUNK_BLOCKS > 1 and a persistent partials
-# grid (a few programs per SM looping over the chunks) slower
+# earlier sweeps (bench/results/accept_chunks-*) found CHUNK_BLOCKS > 1, a persistent partials
+# grid (a few programs per SM looping over the chunks) and a packed int32 greedy argmax slower
 CONFIGS = (
     (8192, 1, 4, 8, 4, True),
     (8192, 1, 4, 8, 4, False),
     (8192, 1, 8, 8, 4, True),
-    (8192, 1, 8, 8, 4, False),
+    (8192, 1, 2, 8, 4, True),
     (8192, 1, 4, 4, 4, True),
-    (8192, 1, 4, 8, 2, True),
     (4096, 1, 4, 8, 4, True),
-    (16384, 1, 8, 8, 4, True),
+    (16384, 1, 4, 8, 4, True),
 )
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0)}
 KNOBS = ("block", "chunk_blocks", "warps", "select_warps", "scan_warps", "pdl")
@@ -110,9 +108,14 @@ def sweep() -> list[dict]:
 
 # top-k / top-p: (warps of the chunks' top-k kernel, warps of the threshold kernel over their
 # union); the first sweep (bench/results/accept_chunks-chunk-top-*) picked (4, 8)
-THRESHOLD_CONFIGS = ((4, 8), (8, 32), (4, 4), (2, 8), (4, 16))
+THRESHOLD_CONFIGS = ((4, 8), (8, 8), (2, 8), (4, 4))
 TOP_K_P = dict(temperature=0.6, top_k=20, top_p=0.95)  # Qwen3's recommended warpers
-THRESHOLD_COLUMNS = ("vocab", "T", "chunk_top_warps", "threshold_warps", "current", "us")
+THRESHOLD_KNOBS = ("chunk_top_warps", "threshold_warps")
+THRESHOLD_COLUMNS = ("vocab", "T", *THRESHOLD_KNOBS, "current", "us")
+
+
+def _configure_thresholds(chunk_top: int, union: int) -> None:
+    accept_module._NUM_WARPS.update(chunk_top=chunk_top, union=union)
 
 
 def threshold_sweep() -> list[dict]:
@@ -122,20 +125,19 @@ def threshold_sweep() -> list[dict]:
     try:
         for vocab, depth, cand, logits, uniforms in _inputs():
             for config in THRESHOLD_CONFIGS:
-                accept_module._NUM_WARPS.update(chunk_top=config[0], union=config[1])
+                _configure_thresholds(*config)
 
                 def call(cand=cand, logits=logits, uniforms=uniforms):
                     return accept_module.accept(cand, logits, uniforms=uniforms, **TOP_K_P)
 
                 call()
                 rows.append({
-                    "vocab": vocab, "T": depth,
-                    "chunk_top_warps": config[0], "threshold_warps": config[1],
+                    "vocab": vocab, "T": depth, **dict(zip(THRESHOLD_KNOBS, config)),
                     "current": "*" if config == shipped else "",
                     "us": time_us(call, cuda_graph=True, rep_ms=30)["us"],
                 })  # fmt: skip
     finally:
-        accept_module._NUM_WARPS.update(chunk_top=shipped[0], union=shipped[1])
+        _configure_thresholds(*shipped)
     return rows
 
 
@@ -148,7 +150,7 @@ def kernel_split(replays: int = 200) -> list[dict]:
     shipped_pdl = accept_module._PDL
     rows = []
     for vocab, depth, cand, logits, uniforms in _inputs():
-        for mode, warpers in MODES.items():
+        for mode, warpers in {**MODES, "top-k/p": TOP_K_P}.items():
 
             def call(cand=cand, logits=logits, uniforms=uniforms, warpers=warpers):
                 return accept_module.accept(cand, logits, uniforms=uniforms, **warpers)

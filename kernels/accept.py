@@ -94,21 +94,28 @@ def _order_key(x, KEY_SHIFT: tl.constexpr):
 
 
 @triton.jit
-def _kept_logits(
-    row_ptr, idx, vocab, threshold, HAS_THRESHOLD: tl.constexpr, KEY_SHIFT: tl.constexpr
-):
-    """Logits of one block in float32, -inf outside the vocabulary and at tokens cut by top-k/p."""
-    x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-    kept = idx < vocab
-    if HAS_THRESHOLD:
-        kept = kept & (_order_key(x, KEY_SHIFT) >= threshold)
-    return tl.where(kept, x, float("-inf")), kept
+def _key_value(key, KEY_SHIFT: tl.constexpr):
+    """The float32 value v with key >= `key` <=> x >= v (the inverse of _order_key): one float
+    compare per token instead of computing its key."""
+    bits = key << KEY_SHIFT  # (k >> s) >= key <=> k >= key << s
+    return (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _weight(x, kept, x_max, scale):
-    """exp((x - x_max) / temperature) on kept tokens, 0 elsewhere (scale = log2(e) / temperature)."""
-    return tl.where(kept, tl.exp2((x - x_max) * scale), 0.0)
+def _kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD: tl.constexpr):
+    """Logits of one block in float32, -inf outside the vocabulary and at tokens cut by top-k/p
+    (those below the float32 `threshold`)."""
+    x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+    if HAS_THRESHOLD:
+        x = tl.where(x >= threshold, x, float("-inf"))
+    return x
+
+
+@triton.jit
+def _weight(x, x_max, scale):
+    """exp((x - x_max) / temperature) (scale = log2(e) / temperature), for a finite x_max: 0 at
+    the -inf of _kept_logits, so no mask is needed."""
+    return tl.exp2((x - x_max) * scale)
 
 
 @triton.jit
@@ -123,12 +130,13 @@ def _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS: tl.constexpr
 @triton.jit
 def _count_at_least(row_ptr, vocab, key_min, KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr):
     """Number of tokens with key >= key_min."""
+    x_min = _key_value(key_min, KEY_SHIFT)
     offs = tl.arange(0, BLOCK)
     count = tl.zeros([BLOCK], tl.int32)
     for start in range(0, vocab, BLOCK):
         idx = start + offs
         x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-        count += ((_order_key(x, KEY_SHIFT) >= key_min) & (idx < vocab)).to(tl.int32)
+        count += ((x >= x_min) & (idx < vocab)).to(tl.int32)
     return tl.sum(count, axis=0)
 
 
@@ -137,11 +145,11 @@ def _mass_at_least(
     row_ptr, vocab, key_min, x_max, scale, KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr
 ):
     """sum of exp((x - x_max) / temperature) over the tokens with key >= key_min."""
+    x_min = _key_value(key_min, KEY_SHIFT)
     offs = tl.arange(0, BLOCK)
     mass = tl.zeros([BLOCK], tl.float32)
     for start in range(0, vocab, BLOCK):
-        x, kept = _kept_logits(row_ptr, start + offs, vocab, key_min, True, KEY_SHIFT)
-        mass += _weight(x, kept, x_max, scale)
+        mass += _weight(_kept_logits(row_ptr, start + offs, vocab, x_min, True), x_max, scale)
     return tl.sum(mass, axis=0)
 
 
@@ -185,6 +193,7 @@ def _chunk_top_kernel(
     KEY_SHIFT: tl.constexpr,
     BLOCK: tl.constexpr,
     CAND: tl.constexpr,
+    STORE_BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """One chunk of one row: its top_k largest logits (ties at the cut included) and maybe a few
@@ -197,27 +206,37 @@ def _chunk_top_kernel(
     idx = chunk * BLOCK + tl.arange(0, BLOCK)
     valid = idx < vocab
     x = tl.load(row_ptr + idx, mask=valid, other=float("-inf")).to(tl.float32)
-    key = _order_key(x, KEY_SHIFT)
-    k = tl.minimum(top_k, tl.sum(valid.to(tl.int32), axis=0))
+    # Only the keys stay live through the search (the logits are read again to store them).
+    # Past the vocabulary the key is int32's minimum, below every logit's key: no mask.
+    key = tl.where(valid, _order_key(x, KEY_SHIFT), -2147483648)
+    k = tl.minimum(top_k, vocab - chunk * BLOCK)
     # A key `lo` with count(>= lo) >= k: every key of the chunk's top-k is >= lo. Bisection
     # towards the k-th largest (count(>= hi) < k), stopped as soon as the keys >= lo fit in CAND
     # slots: any such lo keeps the union exact (see the threshold kernel).
     lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
-    hi = tl.max(tl.where(valid, key, -2147483648), axis=0).to(tl.int64) + 1
+    hi = tl.max(key, axis=0).to(tl.int64) + 1
     while hi - lo > 1:
         mid = lo + (hi - lo) // 2
-        count = tl.sum((valid & (key >= mid.to(tl.int32))).to(tl.int32), axis=0)
+        count = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
         if count >= k:
             lo = mid
             if count <= CAND:
                 hi = mid + 1
         else:
             hi = mid
-    top = valid & (key >= lo.to(tl.int32))
-    slot = tl.cumsum(top.to(tl.int32), axis=0) - 1
+    # store the logits >= lo in token order, a slice at a time (the logits read again from L2):
+    # over the whole chunk at once, the slots' 64-bit addresses alone took 128 registers
     out = (pair * num_chunks + chunk).to(tl.int64)
-    tl.store(cand_x_ptr + out * CAND + slot, x, mask=top & (slot < CAND))
-    tl.store(cand_count_ptr + out, tl.sum(top.to(tl.int32), axis=0))
+    cut = _key_value(lo.to(tl.int32), KEY_SHIFT)
+    num_top = 0
+    for start in tl.static_range(0, BLOCK, STORE_BLOCK):
+        piece = chunk * BLOCK + start + tl.arange(0, STORE_BLOCK)
+        x = tl.load(row_ptr + piece, mask=piece < vocab, other=float("-inf")).to(tl.float32)
+        top = (x >= cut) & (piece < vocab)
+        slot = num_top + tl.cumsum(top.to(tl.int32), axis=0) - 1
+        tl.store(cand_x_ptr + out * CAND + slot, x, mask=top & (slot < CAND))
+        num_top += tl.sum(top.to(tl.int32), axis=0)
+    tl.store(cand_count_ptr + out, num_top)
 
 
 @triton.jit
@@ -269,7 +288,7 @@ def _thresholds_kernel(
     # pointers
     logits_ptr,  # [*, V]
     rows_ptr,  # [P] int32/int64, pair -> logits row (HAS_ROWS)
-    threshold_ptr,  # [P] int32 out: keep tokens with key >= threshold
+    threshold_ptr,  # [P] f32 out: keep tokens with logit >= threshold
     cand_x_ptr,  # [P, S, CAND] f32 (HAS_CANDIDATES): the chunks' top-k logits
     cand_count_ptr,  # [P, S] int32 (HAS_CANDIDATES)
     # sizes and scalars
@@ -322,7 +341,7 @@ def _thresholds_kernel(
             if top_p < 1.0:
                 x_max = tl.max(tl.max(cand, axis=1), axis=0)
                 cand_kept = in_union & (cand_key >= lo.to(tl.int32))
-                cand_w = _weight(cand, cand_kept, x_max, scale)
+                cand_w = tl.where(cand_kept, _weight(cand, x_max, scale), 0.0)
                 target = top_p * tl.sum(tl.sum(cand_w, axis=1), axis=0)
                 hi = key_end
                 while hi - lo > 1:
@@ -336,7 +355,7 @@ def _thresholds_kernel(
             lo = _threshold_by_passes(row_ptr, vocab, top_k, top_p, scale, KEY_SHIFT, BLOCK)
     else:
         lo = _threshold_by_passes(row_ptr, vocab, top_k, top_p, scale, KEY_SHIFT, BLOCK)
-    tl.store(threshold_ptr + pair, lo.to(tl.int32))
+    tl.store(threshold_ptr + pair, _key_value(lo.to(tl.int32), KEY_SHIFT))
 
 
 @triton.jit
@@ -344,7 +363,7 @@ def _partials_kernel(
     # pointers
     logits_ptr,  # [*, V]
     rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
-    threshold_ptr,  # [P] int32 (HAS_THRESHOLD)
+    threshold_ptr,  # [P] f32 (HAS_THRESHOLD)
     chunk_max_ptr,  # [P, S] f32 out: max kept logit of the chunk
     chunk_argmax_ptr,  # [P, S] int32 out (GREEDY): its first token id
     chunk_mass_ptr,  # [P, S] f32 out (not GREEDY): sum exp2((x - chunk max) * scale) over kept
@@ -358,7 +377,6 @@ def _partials_kernel(
     HAS_ROWS: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr,
     GREEDY: tl.constexpr,
-    KEY_SHIFT: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK_BLOCKS: tl.constexpr,
     PDL: tl.constexpr,
@@ -367,7 +385,7 @@ def _partials_kernel(
     pair = tl.program_id(0)
     chunk = tl.program_id(1)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
-    threshold = 0
+    threshold = float("-inf")
     if HAS_THRESHOLD:
         threshold = tl.load(threshold_ptr + pair)
     offs = tl.arange(0, BLOCK)
@@ -377,7 +395,7 @@ def _partials_kernel(
     run_mass = 0.0
     for i in tl.static_range(CHUNK_BLOCKS):
         idx = first + i * BLOCK + offs
-        x, kept = _kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD, KEY_SHIFT)
+        x = _kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD)
         if GREEDY:
             # one (value, index) reduction, ties to the smaller index
             block_max, block_argmax = tl.max(
@@ -393,7 +411,7 @@ def _partials_kernel(
             # -inf + inf
             ref_max = tl.where(new_max > float("-inf"), new_max, 0.0)
             run_mass = run_mass * tl.exp2((run_max - ref_max) * scale)
-            run_mass += tl.sum(_weight(x, kept, ref_max, scale), axis=0)
+            run_mass += tl.sum(_weight(x, ref_max, scale), axis=0)
             run_max = new_max
     out = pair * num_chunks + chunk
     tl.store(chunk_max_ptr + out, run_max)
@@ -408,7 +426,7 @@ def _select_kernel(
     # pointers
     logits_ptr,  # [*, V]
     rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
-    threshold_ptr,  # [P] int32 (HAS_THRESHOLD)
+    threshold_ptr,  # [P] f32 (HAS_THRESHOLD)
     chunk_max_ptr,  # [P, S] f32
     chunk_argmax_ptr,  # [P, S] int32 (GREEDY)
     chunk_mass_ptr,  # [P, S] f32 (not GREEDY)
@@ -425,7 +443,6 @@ def _select_kernel(
     HAS_ROWS: tl.constexpr,
     HAS_THRESHOLD: tl.constexpr,
     GREEDY: tl.constexpr,
-    KEY_SHIFT: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK_BLOCKS: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -456,7 +473,7 @@ def _select_kernel(
         local_target = target - tl.sum(tl.where(chunk_ids == chunk - 1, mass_through, 0.0), axis=0)
 
         row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
-        threshold = 0
+        threshold = float("-inf")
         if HAS_THRESHOLD:
             threshold = tl.load(threshold_ptr + pair)
         offs = tl.arange(0, BLOCK)
@@ -466,8 +483,7 @@ def _select_kernel(
         last_positive = -1
         for i in tl.static_range(CHUNK_BLOCKS):
             idx = first + i * BLOCK + offs
-            x, kept = _kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD, KEY_SHIFT)
-            w = _weight(x, kept, x_max, scale)
+            w = _weight(_kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD), x_max, scale)
             through = run + tl.cumsum(w, axis=0)
             found = tl.minimum(
                 found, tl.min(tl.where(through > local_target, idx, 2147483647), axis=0)
@@ -499,22 +515,21 @@ def _accept_scan_kernel(
     BLOCK_T: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    _after_previous_kernel(PDL)
+    # Under PDL everything that reads only the drafts runs before the wait, overlapping the
+    # select kernel: the drafts and rows come from kernels that finished before it started (each
+    # of ours lets its successor launch only after its own wait).
     ob = tl.arange(0, BLOCK_B)
     ot = tl.arange(0, BLOCK_T)
     b_ok = ob < num_branches
     t_ok = ot < depth
     pair = ob[:, None] * depth + ot[None, :]
     pair_ok = b_ok[:, None] & t_ok[None, :]
-    # every global load up front: what follows is a short chain of dependent reductions
     cand = tl.load(cand_ptr + pair, mask=pair_ok, other=-1)
-    target = tl.load(tokens_ptr + pair, mask=pair_ok, other=-1)
     next_draft = tl.load(cand_ptr + pair + 1, mask=pair_ok & (ot + 1 < depth)[None, :], other=-1)
     if HAS_ROWS:
         rows = tl.load(rows_ptr + pair, mask=pair_ok, other=0).to(tl.int32)
     else:
         rows = pair
-    tl.store(target_tokens_ptr + pair, target, mask=pair_ok)
 
     # Branches alive at depth t share their drafts 1..t (each matched s_0 .. s_{t-1}), and every
     # branch sharing them is alive: the alive set at depth t is the node of any member, and f(t)
@@ -529,6 +544,9 @@ def _accept_scan_kernel(
     first_of = tl.min(tl.where(shares, ob[:, None, None], BLOCK_B), axis=0)
     # node_target[b, t] = target[first(b, t), t], the target token at b's node of depth t
     at_first = ob[:, None, None] == first_of[None, :, :]
+    _after_previous_kernel(PDL)
+    target = tl.load(tokens_ptr + pair, mask=pair_ok, other=-1)
+    tl.store(target_tokens_ptr + pair, target, mask=pair_ok)
     node_target = tl.sum(tl.where(at_first, target[:, None, :], 0), axis=0)
     survives = (next_draft == node_target) & (ot + 1 < depth)[None, :]
     # reached[b]: the depth where b's walk stops (its first non-surviving depth); a = the deepest
@@ -625,7 +643,7 @@ def _sample_pairs(
     rows_arg = rows if has_rows else chunk_max  # unused pointer when HAS_ROWS is off
     threshold = chunk_max
     if has_threshold:
-        threshold = torch.empty(num_pairs, dtype=torch.int32, device=device)
+        threshold = torch.empty(num_pairs, dtype=torch.float32, device=device)
         # a small top-k: first every chunk's own top-k, over (rows, chunks) programs
         has_candidates = 0 < top_k <= _CANDIDATES and chunk_blocks == 1
         cand_x = cand_count = chunk_max  # unused pointers without candidates
@@ -637,6 +655,7 @@ def _sample_pairs(
                 vocab, num_chunks, top_k,
                 logits.stride(0),
                 HAS_ROWS=has_rows, KEY_SHIFT=key_shift, BLOCK=block, CAND=_CANDIDATES,
+                STORE_BLOCK=min(1024, block),
                 num_warps=_NUM_WARPS["chunk_top"], **_pdl(device),
             )  # fmt: skip
         _thresholds_kernel[(num_pairs,)](
@@ -653,7 +672,7 @@ def _sample_pairs(
         logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,
         vocab, num_chunks, scale,
         logits.stride(0),
-        HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy, KEY_SHIFT=key_shift,
+        HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy,
         BLOCK=block, CHUNK_BLOCKS=chunk_blocks,
         num_warps=_NUM_WARPS["partials"], **_pdl(device),
     )  # fmt: skip
@@ -663,7 +682,7 @@ def _sample_pairs(
         uniforms if uniforms is not None else chunk_max, tokens,
         vocab, num_chunks, uniform_period, scale,
         logits.stride(0),
-        HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy, KEY_SHIFT=key_shift,
+        HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy,
         BLOCK=block, CHUNK_BLOCKS=chunk_blocks, BLOCK_S=triton.next_power_of_2(num_chunks),
         num_warps=_NUM_WARPS["select"], **_pdl(device),
     )  # fmt: skip

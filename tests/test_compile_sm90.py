@@ -87,8 +87,9 @@ def _variants():
         signature |= {"cand_count_ptr": "*i32", "vocab": "i32", "num_chunks": "i32"}
         signature |= {"top_k": "i32", "stride_row": "i64"}
         const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "BLOCK": 8192, "CAND": 128, "PDL": True}
-        yield _chunk_top_kernel, signature, const, {"num_warps": 8, "launch_pdl": True}
-        signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*i32"}
+        const["STORE_BLOCK"] = 1024
+        yield _chunk_top_kernel, signature, const, {"num_warps": 4, "launch_pdl": True}
+        signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*fp32"}
         signature |= {"cand_x_ptr": "*fp32", "cand_count_ptr": "*i32", "vocab": "i32"}
         signature |= {"num_chunks": "i32", "top_k": "i32", "top_p": "fp32", "scale": "fp32"}
         signature["stride_row"] = "i64"
@@ -107,7 +108,7 @@ def _variants():
 def _sampler_variant(dtype: str, greedy: bool, pdl: bool, *, select: bool):
     """accept's partials pass or its select kernel over V = 151936 (19 chunks of 8192), greedy or
     sampled with a top-k/top-p threshold, with or without programmatic dependent launch."""
-    signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*i32"}
+    signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*fp32"}
     signature |= {"chunk_max_ptr": "*fp32", "chunk_argmax_ptr": "*i32", "chunk_mass_ptr": "*fp32"}
     if select:
         signature |= {"uniforms_ptr": "*fp32", "tokens_ptr": "*i64"}
@@ -115,7 +116,7 @@ def _sampler_variant(dtype: str, greedy: bool, pdl: bool, *, select: bool):
     if select:
         signature["uniform_period"] = "i32"
     signature |= {"scale": "fp32", "stride_row": "i64"}
-    const = {"HAS_ROWS": True, "HAS_THRESHOLD": not greedy, "GREEDY": greedy, "KEY_SHIFT": 16}
+    const = {"HAS_ROWS": True, "HAS_THRESHOLD": not greedy, "GREEDY": greedy}
     const |= {"BLOCK": 8192, "CHUNK_BLOCKS": 1, "PDL": pdl}
     if select:
         const["BLOCK_S"] = 32

@@ -197,6 +197,32 @@ def test_greedy_matches_reference_with_ties(vocab: int, dtype: torch.dtype) -> N
     assert tokens.tolist() == expected
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("vocab", [13, MULTI_CHUNK_V])
+def test_greedy_order_keys(vocab: int, dtype: torch.dtype) -> None:
+    """Greedy picks like torch.argmax in every dtype: negative maxima, -0 tied with +0 (the first
+    wins), -inf tails, the largest finite values and subnormals."""
+    info = torch.finfo(dtype)
+    x = torch.randn(6, vocab, dtype=torch.float64)
+    x[0] = -x[0].abs() - 1.0  # every logit negative
+    x[1] = 0.0
+    x[1, : vocab // 2] = -0.0  # -0 before +0: the first -0 is the argmax
+    x[2, vocab // 3 :] = -math.inf
+    x[3, :] = -info.max
+    x[3, vocab - 2] = info.max
+    # negative subnormals, one positive (bf16: normals; the interpreter's bf16 -> fp32 cast
+    # flushes subnormals to zero, the GPU's does not)
+    tiny = info.smallest_normal * (2.0 if dtype == torch.bfloat16 else 0.25)
+    x[4, :] = -tiny
+    x[4, vocab // 2] = tiny
+    x[5] = -x[5].abs()
+    x[5, vocab - 1] = -0.0  # the maximum is -0, alone
+    x = x.to(dtype)
+    expected = [int(x[0].argmax()), 0, int(x[2].argmax()), vocab - 2, vocab // 2, vocab - 1]
+    assert torch.equal(x.argmax(-1), torch.tensor(expected))  # torch agrees on what is expected
+    assert sample_tokens(x, None).tolist() == expected
+
+
 def test_greedy_ignores_warpers_and_handles_masked_logits() -> None:
     x = torch.randn(3, 50)
     x[:, 10:] = -math.inf  # a masked vocabulary tail
@@ -334,7 +360,7 @@ def test_chunk_candidates_hold_the_chunk_top_k() -> None:
         _chunk_top_kernel[(1, 1)](
             x, x, cand_x, cand_count, vocab, 1, top_k, x.stride(0),
             HAS_ROWS=False, KEY_SHIFT=_KEY_SHIFT[torch.float32], BLOCK=block,
-            CAND=_CANDIDATES, PDL=False,
+            CAND=_CANDIDATES, STORE_BLOCK=1024, PDL=False,
         )  # fmt: skip
         count = int(cand_count)
         kth = x[0].sort(descending=True).values[top_k - 1]

@@ -48,6 +48,12 @@
 #                                           GGUF (GPU0) || the real-target tests (GPU1)
 #   call s17 carry []                       top-k from the chunks' candidates: accept and sampler
 #   call s18 (= s17, after the early stop)  GPU tests (GPU0) || accept's benchmark and sweeps (GPU1)
+# Session 7 (greedy partials as one packed int32 max, the chunks' top-k from column maxima):
+#   call s19 (= s17) carry []
+#   call s20 carry []                       after it (no key math in the passes, a lean chunk top-k,
+#                                           the walk's draft-only half before its PDL wait): the
+#                                           accept, sampler, lossless and graph GPU tests (GPU0) ||
+#                                           accept's benchmark and sweeps (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -252,16 +258,24 @@ case "$call" in
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-gb/gguf-*.whl
     real_target "triton torch" 200 280
     ;;
-  s17 | s18)  # top-k from the chunks' candidates (s18: stopped early, tuned warps): the accept
+  s17 | s18 | s19)  # top-k from the chunks' candidates (s18: stopped early, tuned warps): the accept
     # and sampler GPU tests (GPU0) || the accept benchmark and sweeps (GPU1)
     run_on 0 200 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_accept.py tests/test_sample_tokens.py &
     (run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
-      run_on 1 200 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
+      run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
+    wait
+    ;;
+  s20)
+    run_on 0 400 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py \
+      tests/test_graphs.py tests/test_lossless.py &
+    (run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
+      run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
     wait
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s18; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s20; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
