@@ -8,7 +8,8 @@ on bench_accept's shapes (B = 5, T = 16 / 32, V = 151936 / 49152, bf16), replaye
 `current` marks the shipped one. The chunking changes the sampled path's float sums, consistently
 for AR and verification (both depend on V only), so any row here is a lossless choice.
 
-A second sweep times top-k 20 / top-p 0.95 per warps of its two threshold kernels. Last, the shipped configuration's graphed
+A second sweep times top-k 20 / top-p 0.95 per warps of its two kernels (the group maxima and the
+grouped top-k). Last, the shipped configuration's graphed
 time (without programmatic dependent launch) is split into its kernels (torch.profiler over graph replays): each kernel's device time per call, and the rest of
 the graph's time, the gaps between dependent launches; beside it the time with PDL.
 
@@ -106,21 +107,20 @@ def sweep() -> list[dict]:
     return rows
 
 
-# top-k / top-p: (warps of the chunks' top-k kernel, warps of the threshold kernel over their
-# union); the first sweep (bench/results/accept_chunks-chunk-top-*) picked (4, 8)
-THRESHOLD_CONFIGS = ((4, 8), (8, 8), (2, 8), (4, 4))
+# top-k / top-p: (warps of the group maxima kernel, warps of the grouped top-k kernel)
+THRESHOLD_CONFIGS = ((4, 8), (4, 16), (8, 16), (2, 16), (4, 4))
 TOP_K_P = dict(temperature=0.6, top_k=20, top_p=0.95)  # Qwen3's recommended warpers
-THRESHOLD_KNOBS = ("chunk_top_warps", "threshold_warps")
+THRESHOLD_KNOBS = ("group_max_warps", "grouped_top_k_warps")
 THRESHOLD_COLUMNS = ("vocab", "T", *THRESHOLD_KNOBS, "current", "us")
 
 
-def _configure_thresholds(chunk_top: int, union: int) -> None:
-    accept_module._NUM_WARPS.update(chunk_top=chunk_top, union=union)
+def _configure_thresholds(group_max: int, grouped_top_k: int) -> None:
+    accept_module._NUM_WARPS.update(group_max=group_max, grouped_top_k=grouped_top_k)
 
 
 def threshold_sweep() -> list[dict]:
-    """accept with top-k 20 / top-p 0.95 per warps of its two threshold kernels."""
-    shipped = (accept_module._NUM_WARPS["chunk_top"], accept_module._NUM_WARPS["union"])
+    """accept with top-k 20 / top-p 0.95 per warps of its two kernels."""
+    shipped = (accept_module._NUM_WARPS["group_max"], accept_module._NUM_WARPS["grouped_top_k"])
     rows = []
     try:
         for vocab, depth, cand, logits, uniforms in _inputs():
@@ -194,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = sweep()
     print_table("accept per vocabulary chunking (bf16, B = 5, CUDA graph)", rows, COLUMNS)
     thresholds = threshold_sweep()
-    title = "accept, top-k 20 / top-p 0.95, per warps of the threshold kernels"
+    title = "accept, top-k 20 / top-p 0.95, per warps of its two kernels"
     print_table(title, thresholds, THRESHOLD_COLUMNS)
     split = kernel_split()
     print_table("accept's graphed time per kernel (shipped configuration)", split, SPLIT_COLUMNS)

@@ -33,12 +33,15 @@ How the kernels find it (no sort, no materialised vocabulary; every pass is over
 * Order keys: the float32 bit pattern mapped to an int32 that orders like the value (-0 -> +0),
   shifted right by the bits the input dtype never sets (bf16 16, fp16 13, fp32 0). The top-k and
   top-p cuts are both "key >= threshold", found exactly by bisection on the key: top-k counts
-  tokens, top-p sums weights. Only when top_k / top_p are set. With 0 < top_k <= _CANDIDATES,
-  `_chunk_top_kernel` (grid (rows, chunks)) first keeps each chunk's own top-k (bisection in
-  registers, ties at its cut included, a few more when they fit); their union holds the row's whole top-k set and counts
-  exactly at every key above the row's k-th largest, so `_thresholds_kernel` (one program per
-  row) finds both cuts in registers. Otherwise (no top-k, a larger one, or a chunk whose ties do
-  not fit) it makes one pass over V per bisection step (~16 for bf16 keys).
+  tokens, top-p sums weights; the passes then compare each logit with the float value of that key.
+* A small top-k (0 < top_k <= _GROUPS_KEPT = 128), then top-p, takes two launches and no pass
+  over V after the first: `_group_max_kernel` (grid (rows, chunks)) writes the maxima of groups
+  of _GROUP = 64 tokens; `_grouped_top_k_kernel` (one program per row) bisects over them for a
+  cut that at least k and at most 128 groups reach (their maxima are k tokens at or above it, so
+  the row's whole top-k lies in those groups), gathers those groups, finds both cuts in registers
+  over them (exact at every key above the group cut) and draws from them in token order. Rows
+  whose ties leave no such cut, and the other warpers (top-p alone, a larger top-k), bisect with
+  one pass over V per step (~16 for bf16 keys) in `_thresholds_kernel`, then:
 * `_partials_kernel`, grid (rows, chunks of CHUNK = BLOCK * CHUNK_BLOCKS tokens): greedy writes
   each chunk's max and first argmax; sampling writes each chunk's max m_c of the kept logits and
   sum_c exp2((x - m_c) * log2(e) / temperature) over the kept tokens.
@@ -47,7 +50,8 @@ How the kernels find it (no sort, no materialised vocabulary; every pass is over
   and scans only that chunk (block cumsums) for the token.
   BLOCK and CHUNK depend on V only, never on the number of rows, so a row gets bit-identical
   float sums (hence the same token for the same u) whether it is sampled alone (AR) or among the
-  B * T verification rows: sampled speculative decoding is lossless by construction.
+  B * T verification rows: sampled speculative decoding is lossless by construction. (The same
+  holds for the grouped top-k: its candidate set and sums depend on the row and V only.)
 
 Acceptance (see ARCHITECTURE.md)
 -------------------------------
@@ -60,7 +64,7 @@ Outputs: num_accepted = a (drafts accepted), branch = f(a) (the chosen branch),
 out_tokens[:a + 1] = s_0 .. s_a (= t_1 .. t_a, bonus) and -1 after, bonus = s_a,
 path_rows[t] = row_of[branch, t] for every t < T (rows past a continue along the chosen branch, so
 `commit` can copy a fixed T rows), target_tokens = every pair's target (debugging, tests).
-Launches: [thresholds] + partials + select give target_tokens (greedy too: when the one-program
+Launches: [thresholds] + partials + select (or group maxima + grouped top-k) give target_tokens (greedy too: when the one-program
 walk reduced the greedy chunk partials itself, greedy accept was slower than sampled accept), then
 `_accept_scan_kernel` (one program) does the walk with no loop at all: the branches alive at depth
 t are exactly those whose drafts 1..t equal f(t)'s, so every branch b can check at once, at every
@@ -176,74 +180,53 @@ def _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, NONE: tl.co
 
 
 @triton.jit
-def _chunk_top_kernel(
+def _group_max_kernel(
     # pointers
     logits_ptr,  # [*, V]
     rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
-    cand_x_ptr,  # [P, S, CAND] f32 out: the chunk's logits with key >= a cut <= its k-th largest
-    cand_count_ptr,  # [P, S] int32 out: how many (more than CAND: they did not fit)
-    # sizes and scalars
+    group_max_ptr,  # [P, G] f32 out: the largest logit of each group of GROUP tokens
+    # sizes
     vocab,
-    num_chunks,
-    top_k,
+    num_groups,
     # strides
     stride_row,
     # meta
     HAS_ROWS: tl.constexpr,
-    KEY_SHIFT: tl.constexpr,
     BLOCK: tl.constexpr,
-    CAND: tl.constexpr,
-    STORE_BLOCK: tl.constexpr,
+    GROUP: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    """One chunk of one row: its top_k largest logits (ties at the cut included) and maybe a few
-    more, up to CAND, by bisection on the key in registers. Every token of the row's top-k is in
-    its chunk's top-k, so the union of the chunks' candidates holds the row's whole top-k set."""
+    """The first pass of a small top-k: the maxima of one chunk's groups of GROUP tokens."""
     _after_previous_kernel(PDL)
     pair = tl.program_id(0)
     chunk = tl.program_id(1)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
-    idx = chunk * BLOCK + tl.arange(0, BLOCK)
-    valid = idx < vocab
-    x = tl.load(row_ptr + idx, mask=valid, other=float("-inf")).to(tl.float32)
-    # Only the keys stay live through the search (the logits are read again to store them).
-    # Past the vocabulary the key is int32's minimum, below every logit's key: no mask.
-    key = tl.where(valid, _order_key(x, KEY_SHIFT), -2147483648)
-    k = tl.minimum(top_k, vocab - chunk * BLOCK)
-    # A key `lo` with count(>= lo) >= k: every key of the chunk's top-k is >= lo. Bisection
-    # towards the k-th largest (count(>= hi) < k), stopped as soon as the keys >= lo fit in CAND
-    # slots: any such lo keeps the union exact (see the threshold kernel).
-    lo = tl.min(tl.where(valid, key, 2147483647), axis=0).to(tl.int64)
-    hi = tl.max(key, axis=0).to(tl.int64) + 1
-    while hi - lo > 1:
-        mid = lo + (hi - lo) // 2
-        count = tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0)
-        if count >= k:
-            lo = mid
-            if count <= CAND:
-                hi = mid + 1
-        else:
-            hi = mid
-    # store the logits >= lo in token order, a slice at a time (the logits read again from L2):
-    # over the whole chunk at once, the slots' 64-bit addresses alone took 128 registers
-    out = (pair * num_chunks + chunk).to(tl.int64)
-    cut = _key_value(lo.to(tl.int32), KEY_SHIFT)
-    num_top = 0
-    for start in tl.static_range(0, BLOCK, STORE_BLOCK):
-        piece = chunk * BLOCK + start + tl.arange(0, STORE_BLOCK)
-        x = tl.load(row_ptr + piece, mask=piece < vocab, other=float("-inf")).to(tl.float32)
-        top = (x >= cut) & (piece < vocab)
-        slot = num_top + tl.cumsum(top.to(tl.int32), axis=0) - 1
-        tl.store(cand_x_ptr + out * CAND + slot, x, mask=top & (slot < CAND))
-        num_top += tl.sum(top.to(tl.int32), axis=0)
-    tl.store(cand_count_ptr + out, num_top)
+    group = chunk * (BLOCK // GROUP) + tl.arange(0, BLOCK // GROUP)
+    idx = group[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf"))
+    out = group_max_ptr + pair.to(tl.int64) * num_groups + group
+    tl.store(out, tl.max(x, axis=1).to(tl.float32), mask=group < num_groups)
+
+
+@triton.jit
+def _scan_block(row_ptr, idx, vocab, threshold, HAS_THRESHOLD: tl.constexpr, x_max, scale, run,
+                target, found, last_positive):  # fmt: skip
+    """One block of the inverse-CDF scan in token order: (run, found, last_positive) updated
+    with the block's weights (run: the weight before it; found: the first id whose cumulative
+    weight exceeds target; last_positive: the last id of positive weight)."""
+    w = _weight(_kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD), x_max, scale)
+    through = run + tl.cumsum(w, axis=0)
+    found = tl.minimum(found, tl.min(tl.where(through > target, idx, 2147483647), axis=0))
+    last_positive = tl.maximum(last_positive, tl.max(tl.where(w > 0.0, idx, -1), axis=0))
+    return tl.max(through, axis=0), found, last_positive
 
 
 @triton.jit
 def _threshold_by_passes(
     row_ptr, vocab, top_k, top_p, scale, KEY_SHIFT: tl.constexpr, BLOCK: tl.constexpr
 ):
-    """Both cuts' key (int64) by bisection with one pass over the row per step."""
+    """Both cuts' key (int64) by bisection with one pass over the row per step, and the row's
+    largest logit."""
     offs = tl.arange(0, BLOCK)
     max_acc = tl.full([BLOCK], float("-inf"), tl.float32)
     key_lo_acc = tl.full([BLOCK], 2147483647, tl.int32)
@@ -280,7 +263,7 @@ def _threshold_by_passes(
                 lo = mid
             else:
                 hi = mid
-    return lo
+    return lo, x_max
 
 
 @triton.jit
@@ -289,11 +272,8 @@ def _thresholds_kernel(
     logits_ptr,  # [*, V]
     rows_ptr,  # [P] int32/int64, pair -> logits row (HAS_ROWS)
     threshold_ptr,  # [P] f32 out: keep tokens with logit >= threshold
-    cand_x_ptr,  # [P, S, CAND] f32 (HAS_CANDIDATES): the chunks' top-k logits
-    cand_count_ptr,  # [P, S] int32 (HAS_CANDIDATES)
     # sizes and scalars
     vocab,
-    num_chunks,
     top_k,  # 0: no top-k cut
     top_p,  # 1.0: no top-p cut
     scale,  # log2(e) / temperature
@@ -303,59 +283,137 @@ def _thresholds_kernel(
     HAS_ROWS: tl.constexpr,
     KEY_SHIFT: tl.constexpr,
     BLOCK: tl.constexpr,
-    HAS_CANDIDATES: tl.constexpr,
-    CAND: tl.constexpr,
-    BLOCK_S: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _after_previous_kernel(PDL)
     pair = tl.program_id(0)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
-    if HAS_CANDIDATES:
-        # the union of the chunks' top-k (`_chunk_top_kernel`) holds every token the two cuts
-        # keep, and counts exactly at every key >= the row's k-th largest: both cuts are
-        # bisections in registers, with no pass over the row, unless a chunk's ties overflowed
-        chunk_ids = tl.arange(0, BLOCK_S)
-        counts = tl.load(
-            cand_count_ptr + pair * num_chunks + chunk_ids, mask=chunk_ids < num_chunks, other=0
-        )
-        if tl.max(counts, axis=0) <= CAND:
-            slots = tl.arange(0, CAND)
-            in_union = slots[None, :] < counts[:, None]
-            cand_rows = (pair * num_chunks + chunk_ids).to(tl.int64) * CAND
-            cand = tl.load(
-                cand_x_ptr + cand_rows[:, None] + slots[None, :], mask=in_union, other=float("-inf")
-            )
-            cand_key = tl.where(in_union, _order_key(cand, KEY_SHIFT), -2147483648)
-            lo = tl.min(tl.min(tl.where(in_union, cand_key, 2147483647), axis=1), axis=0)
-            lo = lo.to(tl.int64)
-            hi = tl.max(tl.max(cand_key, axis=1), axis=0).to(tl.int64) + 1
-            key_end = hi
+    lo, _row_max = _threshold_by_passes(row_ptr, vocab, top_k, top_p, scale, KEY_SHIFT, BLOCK)
+    tl.store(threshold_ptr + pair, _key_value(lo.to(tl.int32), KEY_SHIFT))
+
+
+@triton.jit
+def _grouped_top_k_kernel(
+    # pointers
+    logits_ptr,  # [*, V]
+    rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
+    group_max_ptr,  # [P, G] f32: _group_max_kernel's
+    group_ids_ptr,  # [P, GROUPS_KEPT] int32 scratch
+    uniforms_ptr,  # [uniform_period] f32: pair p draws uniforms[p % uniform_period]
+    tokens_ptr,  # [P] int64 out
+    # sizes and scalars
+    vocab,
+    num_groups,
+    uniform_period,
+    top_k,  # 0 < top_k <= GROUPS_KEPT, < vocab
+    top_p,
+    scale,
+    # strides
+    stride_row,
+    # meta
+    HAS_ROWS: tl.constexpr,
+    KEY_SHIFT: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUPS_KEPT: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """One row's token under a small top-k (then top-p): both cuts and the draw in registers
+    over the few groups that can hold the top-k, from the row's group maxima.
+
+    A group key cut c with count(groups whose max >= c) >= k has k tokens >= c: every token of
+    the row's top-k is >= c, so it lies in those groups. Gathering them (at most GROUPS_KEPT,
+    found by bisection over the group maxima) gives a candidate set that holds every kept
+    token and counts exactly at every key >= c, so the top-k bisection over it is exact, as is
+    top-p on the kept set; the draw is the inverse CDF over the candidates in token order. When
+    ties leave no such cut with few enough groups (or the row has so few groups that all are
+    taken), passes over the row do the same."""
+    _after_previous_kernel(PDL)
+    pair = tl.program_id(0)
+    row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
+    u = tl.load(uniforms_ptr + pair % uniform_period)
+    gid = tl.arange(0, BLOCK_G)
+    group_max = tl.load(
+        group_max_ptr + pair.to(tl.int64) * num_groups + gid,
+        mask=gid < num_groups,
+        other=float("-inf"),
+    )
+    x_max = tl.max(group_max, axis=0)
+    group_key = tl.where(gid < num_groups, _order_key(group_max, KEY_SHIFT), -2147483648)
+    lo = tl.min(tl.where(gid < num_groups, group_key, 2147483647), axis=0).to(tl.int64)
+    hi = tl.max(group_key, axis=0).to(tl.int64) + 1
+    num_kept = num_groups
+    if num_groups <= GROUPS_KEPT:
+        hi = lo + 1  # every group: the candidates are the whole row
+    while hi - lo > 1:  # top_k <= GROUPS_KEPT < num_groups: the k-th largest group max exists
+        mid = lo + (hi - lo) // 2
+        count = tl.sum((group_key >= mid.to(tl.int32)).to(tl.int32), axis=0)
+        if count >= top_k:
+            lo = mid
+            num_kept = count
+            if count <= GROUPS_KEPT:
+                hi = mid + 1
+        else:
+            hi = mid
+    if num_kept <= GROUPS_KEPT:
+        # the kept groups' ids, in order, through a scratch row (registers cannot be compacted)
+        kept_group = group_key >= lo.to(tl.int32)
+        slot = tl.cumsum(kept_group.to(tl.int32), axis=0) - 1
+        scratch = group_ids_ptr + pair.to(tl.int64) * GROUPS_KEPT
+        tl.store(scratch + slot, gid, mask=kept_group)
+        tl.debug_barrier()
+        slots = tl.arange(0, GROUPS_KEPT)
+        group_ids = tl.load(scratch + slots, mask=slots < num_kept, other=0)
+        tok = group_ids[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # ascending token ids
+        ok = (slots < num_kept)[:, None] & (tok < vocab)
+        x = tl.load(row_ptr + tok, mask=ok, other=float("-inf")).to(tl.float32)
+        key = tl.where(ok, _order_key(x, KEY_SHIFT), -2147483648)
+        if num_groups <= GROUPS_KEPT:
+            lo = tl.min(tl.min(tl.where(ok, key, 2147483647), axis=1), axis=0).to(tl.int64)
+        hi = tl.max(tl.max(key, axis=1), axis=0).to(tl.int64) + 1
+        key_end = hi
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            count = tl.sum(tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=1), axis=0)
+            if count >= top_k:
+                lo = mid
+            else:
+                hi = mid
+        w = tl.where(key >= lo.to(tl.int32), _weight(x, x_max, scale), 0.0)
+        if top_p < 1.0:
+            target = top_p * tl.sum(tl.sum(w, axis=1), axis=0)
+            hi = key_end
             while hi - lo > 1:
                 mid = lo + (hi - lo) // 2
-                above = (in_union & (cand_key >= mid.to(tl.int32))).to(tl.int32)
-                if tl.sum(tl.sum(above, axis=1), axis=0) >= top_k:
+                mass = tl.sum(tl.sum(tl.where(key >= mid.to(tl.int32), w, 0.0), axis=1), axis=0)
+                if mass >= target:
                     lo = mid
                 else:
                     hi = mid
-            if top_p < 1.0:
-                x_max = tl.max(tl.max(cand, axis=1), axis=0)
-                cand_kept = in_union & (cand_key >= lo.to(tl.int32))
-                cand_w = tl.where(cand_kept, _weight(cand, x_max, scale), 0.0)
-                target = top_p * tl.sum(tl.sum(cand_w, axis=1), axis=0)
-                hi = key_end
-                while hi - lo > 1:
-                    mid = lo + (hi - lo) // 2
-                    mass_above = tl.where(cand_key >= mid.to(tl.int32), cand_w, 0.0)
-                    if tl.sum(tl.sum(mass_above, axis=1), axis=0) >= target:
-                        lo = mid
-                    else:
-                        hi = mid
-        else:
-            lo = _threshold_by_passes(row_ptr, vocab, top_k, top_p, scale, KEY_SHIFT, BLOCK)
+            w = tl.where(key >= lo.to(tl.int32), w, 0.0)
+        # empty slots (after the kept groups) get no id: their cumulative weight is the total
+        tok = tl.reshape(tl.where(ok, tok, 2147483647), (GROUPS_KEPT * GROUP,))
+        w = tl.reshape(w, (GROUPS_KEPT * GROUP,))
+        through = tl.cumsum(w, axis=0)
+        target = u * tl.max(through, axis=0)
+        found = tl.min(tl.where(through > target, tok, 2147483647), axis=0)
+        last_positive = tl.max(tl.where(w > 0.0, tok, -1), axis=0)
     else:
-        lo = _threshold_by_passes(row_ptr, vocab, top_k, top_p, scale, KEY_SHIFT, BLOCK)
-    tl.store(threshold_ptr + pair, _key_value(lo.to(tl.int32), KEY_SHIFT))
+        lo, x_max = _threshold_by_passes(row_ptr, vocab, top_k, top_p, scale, KEY_SHIFT, BLOCK)
+        threshold = _key_value(lo.to(tl.int32), KEY_SHIFT)
+        mass = _mass_at_least(row_ptr, vocab, lo.to(tl.int32), x_max, scale, KEY_SHIFT, BLOCK)
+        offs = tl.arange(0, BLOCK)
+        run = 0.0
+        found = 2147483647
+        last_positive = -1
+        for start in range(0, vocab, BLOCK):
+            run, found, last_positive = _scan_block(
+                row_ptr, start + offs, vocab, threshold, True, x_max, scale, run, u * mass,
+                found, last_positive,
+            )  # fmt: skip
+    token = tl.where(found < 2147483647, found, last_positive)
+    tl.store(tokens_ptr + pair, token.to(tl.int64))
 
 
 @triton.jit
@@ -482,14 +540,10 @@ def _select_kernel(
         found = 2147483647
         last_positive = -1
         for i in tl.static_range(CHUNK_BLOCKS):
-            idx = first + i * BLOCK + offs
-            w = _weight(_kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD), x_max, scale)
-            through = run + tl.cumsum(w, axis=0)
-            found = tl.minimum(
-                found, tl.min(tl.where(through > local_target, idx, 2147483647), axis=0)
-            )
-            last_positive = tl.maximum(last_positive, tl.max(tl.where(w > 0.0, idx, -1), axis=0))
-            run = tl.max(through, axis=0)
+            run, found, last_positive = _scan_block(
+                row_ptr, first + i * BLOCK + offs, vocab, threshold, HAS_THRESHOLD, x_max, scale,
+                run, local_target, found, last_positive,
+            )  # fmt: skip
         token = tl.where(found < 2147483647, found, last_positive)
     tl.store(tokens_ptr + pair, token.to(tl.int64))
 
@@ -575,18 +629,19 @@ _KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 # Measured on the H200 (B = 5, T = 16, bf16, V = 151936 / 49152; bench.accept_chunks): one
 # 8192-token block per chunk and program beat larger chunks and smaller blocks; 4 partials warps
 # beat 8 (greedy accept 12.4 vs 12.5 us at V 151936); a few programs per SM looping over the
-# chunks (pipelined) were slower (13.0+ us); 32 warps of 8192 were the fastest threshold passes;
-# top-k 20 / top-p 0.95 at V 151936 T 16: 4 warps for the chunks' top-k and 8 for the cuts over
-# their union took 125 us against 150 us with 8 / 32.
+# chunks (pipelined) were slower (13.0+ us); 32 warps of 8192 were the fastest threshold passes.
 # Changing BLOCK / CHUNK changes the sampled rounding (consistently for AR and verification: they
 # depend on V only).
 _BLOCK = 8192  # tokens per block of the partial/select kernels
 _CHUNK_BLOCKS = 1  # blocks per chunk: one partials program reads CHUNK = 8192 tokens of a row
 _THRESHOLD_BLOCK = 8192
-_NUM_WARPS = {"thresholds": 32, "union": 8, "chunk_top": 4, "partials": 4, "select": 8, "scan": 4}
-# top-k <= _CANDIDATES: each chunk's top-k (ties at its cut included, up to _CANDIDATES tokens)
-# goes to a scratch buffer, and both cuts are found in registers over their union
-_CANDIDATES = 128
+_NUM_WARPS = {
+    "thresholds": 32, "group_max": 4, "grouped_top_k": 8, "partials": 4, "select": 8, "scan": 4,
+}  # fmt: skip
+# 0 < top_k <= _GROUPS_KEPT: the maxima of groups of _GROUP tokens, then both cuts and the draw
+# in registers over the (at most _GROUPS_KEPT) groups that can hold the top-k
+_GROUP = 64
+_GROUPS_KEPT = 128
 # Programmatic dependent launch for partials, select and the walk on sm_90+: each kernel launches
 # while its predecessor drains and waits (griddepcontrol.wait) before touching memory.
 _PDL = True
@@ -636,37 +691,46 @@ def _sample_pairs(
     has_threshold = top_k > 0 or top_p < 1.0
     has_rows = rows is not None
     device = logits.device
+    rows_arg = rows if has_rows else logits  # unused pointer when HAS_ROWS is off
+    if 0 < top_k <= _GROUPS_KEPT:
+        # a small top-k (then top-p): group maxima over (rows, chunks), then one program per row
+        # finds both cuts and draws, in registers over the groups that can hold the top-k
+        group = min(_GROUP, block)
+        num_groups = triton.cdiv(vocab, group)
+        group_max = torch.empty(num_pairs, num_groups, dtype=torch.float32, device=device)
+        _group_max_kernel[(num_pairs, triton.cdiv(vocab, block))](
+            logits, rows_arg, group_max,
+            vocab, num_groups,
+            logits.stride(0),
+            HAS_ROWS=has_rows, BLOCK=block, GROUP=group,
+            num_warps=_NUM_WARPS["group_max"], **_pdl(device),
+        )  # fmt: skip
+        group_ids = torch.empty(num_pairs, _GROUPS_KEPT, dtype=torch.int32, device=device)
+        tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)
+        _grouped_top_k_kernel[(num_pairs,)](
+            logits, rows_arg, group_max, group_ids, uniforms, tokens,
+            vocab, num_groups, uniform_period, top_k, top_p, scale,
+            logits.stride(0),
+            HAS_ROWS=has_rows, KEY_SHIFT=key_shift, GROUP=group, GROUPS_KEPT=_GROUPS_KEPT,
+            BLOCK_G=triton.next_power_of_2(num_groups),
+            BLOCK=min(_THRESHOLD_BLOCK, triton.next_power_of_2(vocab)),
+            num_warps=_NUM_WARPS["grouped_top_k"], **_pdl(device),
+        )  # fmt: skip
+        return tokens
     chunk_max = torch.empty(num_pairs, num_chunks, dtype=torch.float32, device=device)
     chunk_val = torch.empty(
         num_pairs, num_chunks, dtype=torch.int32 if greedy else torch.float32, device=device
     )
-    rows_arg = rows if has_rows else chunk_max  # unused pointer when HAS_ROWS is off
     threshold = chunk_max
     if has_threshold:
         threshold = torch.empty(num_pairs, dtype=torch.float32, device=device)
-        # a small top-k: first every chunk's own top-k, over (rows, chunks) programs
-        has_candidates = 0 < top_k <= _CANDIDATES and chunk_blocks == 1
-        cand_x = cand_count = chunk_max  # unused pointers without candidates
-        if has_candidates:
-            cand_x = torch.empty(num_pairs, num_chunks, _CANDIDATES, device=device)
-            cand_count = torch.empty(num_pairs, num_chunks, dtype=torch.int32, device=device)
-            _chunk_top_kernel[(num_pairs, num_chunks)](
-                logits, rows_arg, cand_x, cand_count,
-                vocab, num_chunks, top_k,
-                logits.stride(0),
-                HAS_ROWS=has_rows, KEY_SHIFT=key_shift, BLOCK=block, CAND=_CANDIDATES,
-                STORE_BLOCK=min(1024, block),
-                num_warps=_NUM_WARPS["chunk_top"], **_pdl(device),
-            )  # fmt: skip
         _thresholds_kernel[(num_pairs,)](
-            logits, rows_arg, threshold, cand_x, cand_count,
-            vocab, num_chunks, top_k, top_p, scale,
+            logits, rows_arg, threshold,
+            vocab, top_k, top_p, scale,
             logits.stride(0),
             HAS_ROWS=has_rows, KEY_SHIFT=key_shift,
             BLOCK=min(_THRESHOLD_BLOCK, triton.next_power_of_2(vocab)),
-            HAS_CANDIDATES=has_candidates, CAND=_CANDIDATES,
-            BLOCK_S=triton.next_power_of_2(num_chunks),
-            num_warps=_NUM_WARPS["union" if has_candidates else "thresholds"], **_pdl(device),
+            num_warps=_NUM_WARPS["thresholds"], **_pdl(device),
         )  # fmt: skip
     _partials_kernel[(num_pairs, num_chunks)](
         logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,

@@ -25,7 +25,8 @@ def _variants():
     """(kernel, signature, constexprs, options) for every variant the launchers make."""
     from kernels.accept import (
         _accept_scan_kernel,
-        _chunk_top_kernel,
+        _group_max_kernel,
+        _grouped_top_k_kernel,
         _partials_kernel,
         _select_kernel,
         _thresholds_kernel,
@@ -78,23 +79,22 @@ def _variants():
             for pdl in (False, True):
                 yield _partials_kernel, *_sampler_variant(dtype, greedy, pdl, select=False)
                 yield _select_kernel, *_sampler_variant(dtype, greedy, pdl, select=True)
-    for dtype, key_shift, candidates in (
-        ("bf16", 16, True),
-        ("fp16", 13, False),
-        ("fp32", 0, True),
-    ):
-        signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "cand_x_ptr": "*fp32"}
-        signature |= {"cand_count_ptr": "*i32", "vocab": "i32", "num_chunks": "i32"}
-        signature |= {"top_k": "i32", "stride_row": "i64"}
-        const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "BLOCK": 8192, "CAND": 128, "PDL": True}
-        const["STORE_BLOCK"] = 1024
-        yield _chunk_top_kernel, signature, const, {"num_warps": 4, "launch_pdl": True}
+    for dtype, key_shift in (("bf16", 16), ("fp16", 13), ("fp32", 0)):
+        signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "group_max_ptr": "*fp32"}
+        signature |= {"vocab": "i32", "num_groups": "i32", "stride_row": "i64"}
+        const = {"HAS_ROWS": True, "BLOCK": 8192, "GROUP": 64, "PDL": True}
+        yield _group_max_kernel, signature, const, {"num_warps": 4, "launch_pdl": True}
+        signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "group_max_ptr": "*fp32"}
+        signature |= {"group_ids_ptr": "*i32", "uniforms_ptr": "*fp32", "tokens_ptr": "*i64"}
+        signature |= {"vocab": "i32", "num_groups": "i32", "uniform_period": "i32"}
+        signature |= {"top_k": "i32", "top_p": "fp32", "scale": "fp32", "stride_row": "i64"}
+        const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "GROUP": 64, "GROUPS_KEPT": 128}
+        const |= {"BLOCK_G": 4096, "BLOCK": 8192, "PDL": True}
+        yield _grouped_top_k_kernel, signature, const, {"num_warps": 8, "launch_pdl": True}
         signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*fp32"}
-        signature |= {"cand_x_ptr": "*fp32", "cand_count_ptr": "*i32", "vocab": "i32"}
-        signature |= {"num_chunks": "i32", "top_k": "i32", "top_p": "fp32", "scale": "fp32"}
+        signature |= {"vocab": "i32", "top_k": "i32", "top_p": "fp32", "scale": "fp32"}
         signature["stride_row"] = "i64"
-        const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "BLOCK": 8192}
-        const |= {"HAS_CANDIDATES": candidates, "CAND": 128, "BLOCK_S": 32, "PDL": True}
+        const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "BLOCK": 8192, "PDL": True}
         yield _thresholds_kernel, signature, const, {"num_warps": 32, "launch_pdl": True}
     for pdl in (False, True):
         signature = {"cand_ptr": "*i64", "rows_ptr": "*i32", "tokens_ptr": "*i64"}
@@ -201,10 +201,10 @@ def test_kernels_compile_for_sm90() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # per dtype: rms_norm, silu_mul, emit, rope tables, rope, prefix, branch, accept's partials
-    # and select (greedy / sampled, with and without PDL); then the chunks' top-k and the
-    # threshold kernels (bf16, fp16, fp32) and the walk (with and without PDL)
+    # and select (greedy / sampled, with and without PDL); then the group maxima, the grouped
+    # top-k and the threshold kernels (bf16, fp16, fp32) and the walk (with and without PDL)
     per_dtype = 6 + 1 + 3 + 2 + 8 + 8 + 6 + 8
-    assert proc.stdout.count("ok ") == len(DTYPES) * per_dtype + 6 + 2, proc.stdout
+    assert proc.stdout.count("ok ") == len(DTYPES) * per_dtype + 9 + 2, proc.stdout
 
 
 if __name__ == "__main__":

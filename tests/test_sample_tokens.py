@@ -17,8 +17,9 @@ import torch
 
 from kernels.accept import (
     _BLOCK,
-    _CANDIDATES,
     _CHUNK_BLOCKS,
+    _GROUP,
+    _GROUPS_KEPT,
     _THRESHOLD_BLOCK,
     sample_tokens,
     sample_tokens_ref,
@@ -27,6 +28,7 @@ from kernels.accept import (
 CHUNK = _BLOCK * _CHUNK_BLOCKS
 MULTI_CHUNK_V = 2 * CHUNK + 77  # three chunks, the last one partial
 MULTI_BLOCK_V = _THRESHOLD_BLOCK + 904  # two blocks in the threshold kernel's passes
+MANY_GROUPS_V = _GROUP * (_GROUPS_KEPT + 30) - 5  # a small top-k bisects over the group maxima
 P_MIN = 1e-3  # the statistical tests' threshold
 
 
@@ -322,12 +324,19 @@ def test_all_equal_logits() -> None:
         assert got.tolist() == list(range(vocab))
 
 
-@pytest.mark.parametrize("top_k, top_p", [(20, 1.0), (20, 0.51), (_CANDIDATES + 22, 1.0)])
-def test_kept_sets_are_exact(top_k: int, top_p: float) -> None:
+@pytest.mark.parametrize(
+    "vocab, top_k, top_p",
+    [
+        (_GROUPS_KEPT + 200, 20, 1.0),  # grouped top-k, every group gathered
+        (_GROUPS_KEPT + 200, 20, 0.51),  # ... then top-p
+        (MANY_GROUPS_V, 20, 1.0),  # grouped top-k, the groups reaching a cut of the maxima
+        (MANY_GROUPS_V, 50, 0.51),
+        (_GROUPS_KEPT + 200, _GROUPS_KEPT + 22, 1.0),  # passes over the row
+    ],
+)
+def test_kept_sets_are_exact(vocab: int, top_k: int, top_p: float) -> None:
     """Nearly flat distinct logits and a grid of uniforms finer than every kept token's interval
-    draw each kept token, so an off-by-one cut shows: top-k from the chunks' candidates (top_k
-    20, then top-p) and from passes over the row (top_k > _CANDIDATES)."""
-    vocab = _CANDIDATES + 200
+    draw each kept token, so an off-by-one cut shows, on each way the sampler takes."""
     x = (torch.randperm(vocab, generator=torch.Generator().manual_seed(1)) * 1e-4)[None]
     grid = ((torch.arange(2 * top_k, dtype=torch.float64) + 0.5) / (2 * top_k)).float()
     got = sample_tokens(x.expand(len(grid), vocab), grid, temperature=1.0, top_k=top_k, top_p=top_p)
@@ -341,49 +350,47 @@ def test_kept_sets_are_exact(top_k: int, top_p: float) -> None:
     assert torch.equal(got, ref)
 
 
-def test_chunk_candidates_hold_the_chunk_top_k() -> None:
-    """`_chunk_top_kernel`'s contract, which the cuts over the union rest on: a chunk stores every
-    logit >= some key c with count(>= c) >= k, all of them when they fit in _CANDIDATES slots
-    (count <= _CANDIDATES), else reports the overflow. Ties and spread logits, k from 1 to 128."""
-    from kernels.accept import _KEY_SHIFT, _chunk_top_kernel
-
-    gen = torch.Generator().manual_seed(3)
-    vocab, block = 3000, 4096  # one chunk, partly past the vocabulary
-    for trial in range(24):
-        if trial % 2:
-            x = torch.randint(0, 40, (1, vocab), generator=gen).float()  # many ties
-        else:
-            x = torch.randn(1, vocab, generator=gen) * 3.0
-        top_k = int(torch.randint(1, _CANDIDATES + 1, (1,), generator=gen))
-        cand_x = torch.full((1, 1, _CANDIDATES), float("nan"))
-        cand_count = torch.zeros(1, 1, dtype=torch.int32)
-        _chunk_top_kernel[(1, 1)](
-            x, x, cand_x, cand_count, vocab, 1, top_k, x.stride(0),
-            HAS_ROWS=False, KEY_SHIFT=_KEY_SHIFT[torch.float32], BLOCK=block,
-            CAND=_CANDIDATES, STORE_BLOCK=1024, PDL=False,
-        )  # fmt: skip
-        count = int(cand_count)
-        kth = x[0].sort(descending=True).values[top_k - 1]
-        assert count >= (x[0] >= kth).sum() >= top_k
-        if count <= _CANDIDATES:
-            stored = cand_x[0, 0, :count]
-            cut = stored.min()
-            assert torch.equal(stored.sort().values, x[0][x[0] >= cut].sort().values)
-            assert cut <= kth and torch.isnan(cand_x[0, 0, count:]).all()
+@pytest.mark.parametrize("top_k, top_p", [(1, 1.0), (20, 0.9), (_GROUPS_KEPT, 1.0)])
+def test_grouped_top_k_on_spread_logits(top_k: int, top_p: float) -> None:
+    """The grouped top-k where the row's top tokens crowd into few groups or spread over many:
+    a group may hold several of the top-k, and exactly k groups may be needed (top_k = 128)."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(6, MANY_GROUPS_V, generator=gen)
+    x[1, 640:700] += 6.0  # the top-k inside one or two groups
+    x[2, :: _GROUP + 1] += 6.0  # one top token in each of many groups
+    x[3] = torch.linspace(-3.0, 3.0, MANY_GROUPS_V)  # sorted: the top-k in the last groups
+    x[4, -3:] = -math.inf  # a masked tail
+    x[5] = x[5].half().float()  # coarse values: ties at the cuts
+    x = x[top_p_margin(x, 1.0, top_k, top_p) > 1e-4]
+    u = safe_uniforms(warped_probs(x, 1.0, top_k, top_p))
+    got = sample_tokens(x, u, temperature=1.0, top_k=top_k, top_p=top_p)
+    assert torch.equal(got, sample_tokens_ref(x, u, temperature=1.0, top_k=top_k, top_p=top_p))
+    assert len(got) >= 4
 
 
-def test_ties_beyond_the_candidates() -> None:
-    """A chunk whose ties at its top-k cut do not fit the candidate buffer (_CANDIDATES): the
-    threshold kernel falls back to passes over the row, with the same cuts."""
-    vocab = _CANDIDATES + 200
-    x = torch.zeros(2, vocab)
-    x[0, ::7] = 1.0  # ~47 tokens tied at the top, then the rest tied at 0
+def test_group_cut_reaches_k_groups() -> None:
+    """The group-maxima cut must reach k groups, not k - 1: the top-3 tokens in three groups, the
+    third (-1) below the bisection's first midpoint (about 0), which two groups reach."""
+    x = torch.full((1, MANY_GROUPS_V), -10.0)
+    x[0, 10 * _GROUP + 3] = 5.0
+    x[0, 20 * _GROUP + 7] = 4.0
+    x[0, 30 * _GROUP + 1] = -1.0
+    grid = (torch.arange(6, dtype=torch.float32) + 0.5) / 6  # temperature 100: nearly equal odds
+    got = sample_tokens(x.expand(6, -1), grid, temperature=100.0, top_k=3, top_p=1.0)
+    assert sorted(set(got.tolist())) == [10 * _GROUP + 3, 20 * _GROUP + 7, 30 * _GROUP + 1]
+
+
+def test_ties_beyond_the_groups() -> None:
+    """Rows whose ties reach more than _GROUPS_KEPT groups at every cut of the group maxima: the
+    grouped kernel finds the cuts and draws by passes over the row instead, to the same tokens."""
+    x = torch.zeros(2, MANY_GROUPS_V)
+    x[0, ::7] = 1.0  # a tie at the top in every group, then the rest tied at 0
     u = (torch.arange(2, dtype=torch.float32) + 0.5) / 2
-    for top_k, top_p in [(3, 1.0), (60, 1.0), (60, 0.2)]:  # cut inside the top ties / the zeros
+    for top_k, top_p in [(3, 1.0), (60, 1.0), (60, 0.2), (_GROUPS_KEPT, 1.0)]:
         got = sample_tokens(x, u, temperature=1.0, top_k=top_k, top_p=top_p)
         assert torch.equal(got, sample_tokens_ref(x, u, temperature=1.0, top_k=top_k, top_p=top_p))
-        if top_k == 60 and top_p == 1.0:
-            assert int(got[1]) % 7 != 0  # u = 0.75 lands among the zeros, all kept by the tie
+        assert int(got[0]) % 7 == 0  # only the tied 1.0s are kept in row 0
+        assert 0.7 * MANY_GROUPS_V <= int(got[1]) <= 0.8 * MANY_GROUPS_V  # u = 0.75, all tied
 
 
 def test_extreme_uniforms() -> None:

@@ -54,6 +54,8 @@
 #                                           the walk's draft-only half before its PDL wait): the
 #                                           accept, sampler, lossless and graph GPU tests (GPU0) ||
 #                                           accept's benchmark and sweeps (GPU1)
+#   call s21 (= s20)                        the grouped top-k (group maxima, then cuts and draw in
+#                                           registers over the few groups that hold the top-k)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -266,7 +268,7 @@ case "$call" in
       run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
     wait
     ;;
-  s20)
+  s20 | s21)
     run_on 0 400 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py \
       tests/test_graphs.py tests/test_lossless.py &
@@ -275,7 +277,7 @@ case "$call" in
     wait
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s20; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s21; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
