@@ -56,6 +56,8 @@
 #                                           accept's benchmark and sweeps (GPU1)
 #   call s21 (= s20)                        the grouped top-k (group maxima, then cuts and draw in
 #                                           registers over the few groups that hold the top-k)
+#   call s22 (= s20)                        the grouped top-k's cuts read off the sorted candidates
+#                                           (rejected: slower)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -268,7 +270,7 @@ case "$call" in
       run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
     wait
     ;;
-  s20 | s21)
+  s20 | s21 | s22)
     run_on 0 400 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
       tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py \
       tests/test_graphs.py tests/test_lossless.py &
@@ -277,7 +279,7 @@ case "$call" in
     wait
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s21; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s22; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
