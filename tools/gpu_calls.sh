@@ -58,6 +58,10 @@
 #                                           registers over the few groups that hold the top-k)
 #   call s22 (= s20)                        the grouped top-k's cuts read off the sorted candidates
 #                                           (rejected: slower)
+#   call s23                                the grouped top-k capped at 128 registers (two programs
+#                                           an SM; rejected, no change): accept, sampler and
+#                                           sampled-lossless GPU tests (GPU0) || accept's benchmark
+#                                           and sweeps (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -278,8 +282,15 @@ case "$call" in
       run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
     wait
     ;;
+  s23)
+    run_on 0 300 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py &
+    (run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
+      run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
+    wait
+    ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s22; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s23; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
