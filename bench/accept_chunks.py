@@ -9,9 +9,10 @@ on bench_accept's shapes (B = 5, T = 16 / 32, V = 151936 / 49152, bf16), replaye
 for AR and verification (both depend on V only), so any row here is a lossless choice.
 
 A second sweep times top-k 20 / top-p 0.95 per warps of its two kernels (the group maxima and the
-grouped top-k). Last, the shipped configuration's graphed
-time (without programmatic dependent launch) is split into its kernels (torch.profiler over graph replays): each kernel's device time per call, and the rest of
-the graph's time, the gaps between dependent launches; beside it the time with PDL.
+grouped top-k). Last, the shipped configuration's graphed time (without programmatic dependent
+launch) is split into its kernels (torch.profiler over graph replays): each kernel's device time per
+call, and the rest of the graph's time, the gaps between dependent launches; beside it the time with
+PDL.
 
     python -m bench.accept_chunks [--out-dir DIR]     # CUDA only; accept_chunks-<gpu>-<date>.json
 """

@@ -64,12 +64,13 @@ Outputs: num_accepted = a (drafts accepted), branch = f(a) (the chosen branch),
 out_tokens[:a + 1] = s_0 .. s_a (= t_1 .. t_a, bonus) and -1 after, bonus = s_a,
 path_rows[t] = row_of[branch, t] for every t < T (rows past a continue along the chosen branch, so
 `commit` can copy a fixed T rows), target_tokens = every pair's target (debugging, tests).
-Launches: [thresholds] + partials + select (or group maxima + grouped top-k) give target_tokens (greedy too: when the one-program
-walk reduced the greedy chunk partials itself, greedy accept was slower than sampled accept), then
-`_accept_scan_kernel` (one program) does the walk with no loop at all: the branches alive at depth
-t are exactly those whose drafts 1..t equal f(t)'s, so every branch b can check at once, at every
-depth, its draft against the target of the first branch sharing its drafts so far; a branch's walk
-stops at its first mismatch, a is the deepest stop and f(a) the smallest branch stopping there.
+Launches: [thresholds] + partials + select, or group maxima + grouped top-k, give target_tokens
+(greedy too: when the one-program walk reduced the greedy chunk partials itself, greedy accept was
+slower than sampled accept), then `_accept_scan_kernel` (one program) does the walk with no loop at
+all: the branches alive at depth t are exactly those whose drafts 1..t equal f(t)'s, so every branch
+b can check at once, at every depth, its draft against the target of the first branch sharing its
+drafts so far; a branch's walk stops at its first mismatch, a is the deepest stop and f(a) the
+smallest branch stopping there.
 """
 
 from __future__ import annotations
@@ -326,9 +327,9 @@ def _grouped_top_k_kernel(
     the row's top-k is >= c, so it lies in those groups. Gathering them (at most GROUPS_KEPT,
     found by bisection over the group maxima) gives a candidate set that holds every kept
     token and counts exactly at every key >= c, so the top-k bisection over it is exact, as is
-    top-p on the kept set; the draw is the inverse CDF over the candidates in token order. When
-    ties leave no such cut with few enough groups (or the row has so few groups that all are
-    taken), passes over the row do the same."""
+    top-p on the kept set; the draw is the inverse CDF over the candidates in token order. A row
+    of at most GROUPS_KEPT groups gathers them all; when ties leave no cut with few enough
+    groups, passes over the row do the same."""
     _after_previous_kernel(PDL)
     pair = tl.program_id(0)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
