@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -84,14 +84,21 @@ def _inputs():
             yield vocab, depth, cand, logits, torch.rand(depth, device="cuda", generator=gen)
 
 
-def sweep() -> list[dict]:
-    shipped = _shipped()
+def _timed_sweep(
+    configs: Sequence[tuple],
+    knobs: Sequence[str],
+    configure: Callable[..., None],
+    shipped: tuple,
+    modes: dict[str, dict],
+) -> list[dict]:
+    """accept's graphed time per shape, configuration (set by `configure(*config)`) and mode;
+    the shipped configuration restored at the end."""
     rows = []
     try:
         for vocab, depth, cand, logits, uniforms in _inputs():
-            for config in CONFIGS:
-                _configure(*config)
-                for mode, warpers in MODES.items():
+            for config in configs:
+                configure(*config)
+                for mode, warpers in modes.items():
 
                     def call(cand=cand, logits=logits, uniforms=uniforms, warpers=warpers):
                         return accept_module.accept(cand, logits, uniforms=uniforms, **warpers)
@@ -99,13 +106,17 @@ def sweep() -> list[dict]:
                     call()  # compile outside the timing
                     rows.append({
                         "vocab": vocab, "T": depth, "mode": mode,
-                        **dict(zip(KNOBS, config)),
+                        **dict(zip(knobs, config)),
                         "current": "*" if config == shipped else "",
                         "us": time_us(call, cuda_graph=True, rep_ms=30)["us"],
                     })  # fmt: skip
     finally:
-        _configure(*shipped)
+        configure(*shipped)
     return rows
+
+
+def sweep() -> list[dict]:
+    return _timed_sweep(CONFIGS, KNOBS, _configure, _shipped(), MODES)
 
 
 # top-k / top-p: (warps of the group maxima kernel, warps of the grouped top-k kernel)
@@ -122,24 +133,8 @@ def _configure_thresholds(group_max: int, grouped_top_k: int) -> None:
 def threshold_sweep() -> list[dict]:
     """accept with top-k 20 / top-p 0.95 per warps of its two kernels."""
     shipped = (accept_module._NUM_WARPS["group_max"], accept_module._NUM_WARPS["grouped_top_k"])
-    rows = []
-    try:
-        for vocab, depth, cand, logits, uniforms in _inputs():
-            for config in THRESHOLD_CONFIGS:
-                _configure_thresholds(*config)
-
-                def call(cand=cand, logits=logits, uniforms=uniforms):
-                    return accept_module.accept(cand, logits, uniforms=uniforms, **TOP_K_P)
-
-                call()
-                rows.append({
-                    "vocab": vocab, "T": depth, **dict(zip(THRESHOLD_KNOBS, config)),
-                    "current": "*" if config == shipped else "",
-                    "us": time_us(call, cuda_graph=True, rep_ms=30)["us"],
-                })  # fmt: skip
-    finally:
-        _configure_thresholds(*shipped)
-    return rows
+    modes = {"top-k/p": TOP_K_P}
+    return _timed_sweep(THRESHOLD_CONFIGS, THRESHOLD_KNOBS, _configure_thresholds, shipped, modes)
 
 
 def kernel_split(replays: int = 200) -> list[dict]:

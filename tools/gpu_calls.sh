@@ -111,6 +111,16 @@ real_target() {  # real_target BACKENDS RUN_LIMIT TEST_LIMIT: the default GGUF r
   wait
 }
 
+accept_calls() {  # accept_calls TEST_LIMIT TEST_FILE...: those GPU tests (GPU0) || accept's
+  # benchmark and sweeps (GPU1)
+  local limit=$1
+  shift
+  run_on 0 "$limit" gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider "$@" &
+  (run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
+    run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
+  wait
+}
+
 suite() {  # suite GPU LIMIT TEMPERATURES: the benchmark suite into /root/suite (resumable)
   D2SD_DEFAULT_GGUF=$gguf run_on "$1" "$2" suite.log python3 -m d2sd.bench --temperatures "$3" \
     --max-samples "${EVAL_SAMPLES:-40}" --data-dir .stage/datasets --out /root/suite
@@ -266,28 +276,16 @@ case "$call" in
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-gb/gguf-*.whl
     real_target "triton torch" 200 280
     ;;
-  s17 | s18 | s19)  # top-k from the chunks' candidates (s18: stopped early, tuned warps): the accept
-    # and sampler GPU tests (GPU0) || the accept benchmark and sweeps (GPU1)
-    run_on 0 200 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
-      tests/test_accept.py tests/test_sample_tokens.py &
-    (run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
-      run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
-    wait
+  s17 | s18 | s19)  # top-k from the chunks' candidates (s18: stopped early, tuned warps)
+    accept_calls 200 tests/test_accept.py tests/test_sample_tokens.py
     ;;
   s20 | s21 | s22)
-    run_on 0 400 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
-      tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py \
-      tests/test_graphs.py tests/test_lossless.py &
-    (run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
-      run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
-    wait
+    accept_calls 400 tests/test_accept.py tests/test_sample_tokens.py \
+      tests/test_sampling_lossless.py tests/test_graphs.py tests/test_lossless.py
     ;;
   s23)
-    run_on 0 300 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
-      tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py &
-    (run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
-      run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
-    wait
+    accept_calls 300 tests/test_accept.py tests/test_sample_tokens.py \
+      tests/test_sampling_lossless.py
     ;;
   *)
     echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s23; s6 is s4 again)" >&2
