@@ -1,12 +1,12 @@
 """How `accept`'s time depends on its vocabulary chunking and launch shapes: a sweep that tunes
-`kernels.accept`'s _BLOCK (tokens per block), _CHUNK_BLOCKS (blocks per chunk), the three kernels'
-warps and whether they use programmatic dependent launch (PDL, sm_90+).
+`kernels.accept`'s _BLOCK (tokens per chunk when sampling), _GREEDY_BLOCK (per chunk for the
+argmax), the three kernels' warps and whether they use programmatic dependent launch (PDL, sm_90+).
 
 The greedy and sampled paths are three launches (partials over (rows, chunks), select per row, the
 walk); the partials pass reads every candidate row once and dominates. Each configuration is timed
 on bench_accept's shapes (B = 5, T = 16 / 32, V = 151936 / 49152, bf16), replayed in a CUDA graph;
-`current` marks the shipped one. The chunking changes the sampled path's float sums, consistently
-for AR and verification (both depend on V only), so any row here is a lossless choice.
+`current` marks the shipped one. The sampled chunk changes the float sums, consistently for AR and
+verification (both depend on V only), so any row here is a lossless choice.
 
 A second sweep times top-k 20 / top-p 0.95 per warps of its two kernels (the group maxima and the
 grouped top-k). Last, the shipped configuration's graphed time (without programmatic dependent
@@ -35,29 +35,32 @@ from bench.bench_accept import NUM_BRANCHES
 # the module (the package binds kernels.accept to the launcher of the same name)
 accept_module = importlib.import_module("kernels.accept")
 
-# (BLOCK, CHUNK_BLOCKS, partials warps, select warps, walk warps, programmatic dependent launch);
-# earlier sweeps (bench/results/accept_chunks-*) found CHUNK_BLOCKS > 1, a persistent partials
-# grid (a few programs per SM looping over the chunks) and a packed int32 greedy argmax slower
+# (sampled BLOCK, greedy BLOCK, partials warps, select warps, walk warps, programmatic dependent
+# launch); earlier sweeps (bench/results/accept_chunks-*) found several blocks per partials
+# program, a persistent partials grid (a few programs per SM looping over the chunks), a packed
+# int32 greedy argmax and a one-launch accept (select and walk by the last program to arrive) slower
 CONFIGS = (
-    (8192, 1, 4, 8, 4, True),
-    (8192, 1, 4, 8, 4, False),
-    (8192, 1, 8, 8, 4, True),
-    (8192, 1, 2, 8, 4, True),
-    (8192, 1, 4, 4, 4, True),
-    (4096, 1, 4, 8, 4, True),
-    (16384, 1, 4, 8, 4, True),
+    (8192, 8192, 4, 8, 4, True),
+    (8192, 8192, 4, 8, 4, False),
+    (8192, 8192, 8, 8, 4, True),
+    (8192, 8192, 2, 8, 4, True),
+    (8192, 8192, 4, 4, 4, True),
+    (8192, 16384, 4, 8, 4, True),
+    (8192, 16384, 4, 16, 4, True),
+    (8192, 4096, 4, 8, 4, True),
+    (4096, 8192, 4, 8, 4, True),
 )
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0)}
-KNOBS = ("block", "chunk_blocks", "warps", "select_warps", "scan_warps", "pdl")
+KNOBS = ("block", "greedy_block", "warps", "select_warps", "scan_warps", "pdl")
 COLUMNS = ("vocab", "T", "mode", *KNOBS, "current", "us")
 SPLIT_COLUMNS = ("vocab", "T", "mode", "us", "pdl_us", "kernels_us", "gaps_us", "per_kernel")
 
 
 def _configure(
-    block: int, chunk_blocks: int, warps: int, select: int, scan: int, pdl: bool
+    block: int, greedy_block: int, warps: int, select: int, scan: int, pdl: bool
 ) -> None:
     accept_module._BLOCK = block
-    accept_module._CHUNK_BLOCKS = chunk_blocks
+    accept_module._GREEDY_BLOCK = greedy_block
     accept_module._NUM_WARPS.update(partials=warps, select=select, scan=scan)
     accept_module._PDL = pdl
 
@@ -65,7 +68,7 @@ def _configure(
 def _shipped() -> tuple:
     return (
         accept_module._BLOCK,
-        accept_module._CHUNK_BLOCKS,
+        accept_module._GREEDY_BLOCK,
         accept_module._NUM_WARPS["partials"],
         accept_module._NUM_WARPS["select"],
         accept_module._NUM_WARPS["scan"],

@@ -42,13 +42,13 @@ How the kernels find it (no sort, no materialised vocabulary; every pass is over
   over them (exact at every key above the group cut) and draws from them in token order. Rows
   whose ties leave no such cut, and the other warpers (top-p alone, a larger top-k), bisect with
   one pass over V per step (~16 for bf16 keys) in `_thresholds_kernel`, then:
-* `_partials_kernel`, grid (rows, chunks of CHUNK = BLOCK * CHUNK_BLOCKS tokens): greedy writes
-  each chunk's max and first argmax; sampling writes each chunk's max m_c of the kept logits and
-  sum_c exp2((x - m_c) * log2(e) / temperature) over the kept tokens.
-* `_select_kernel`, grid (rows,): greedy reduces the chunk partials (ties to the first chunk);
-  sampling rescales the chunk masses to the row max, locates u * W in their inclusive prefix sum,
-  and scans only that chunk (block cumsums) for the token.
-  BLOCK and CHUNK depend on V only, never on the number of rows, so a row gets bit-identical
+* `_partials_kernel`, grid (rows, chunks of BLOCK tokens): each program writes its chunk's max m_c
+  of the kept logits and, sampling, sum_c exp2((x - m_c) * log2(e) / temperature) over the kept
+  tokens.
+* `_select_kernel`, grid (rows,): greedy takes the first chunk holding the row max and that max's
+  first id in it (one chunk re-read); sampling rescales the chunk masses to the row max, locates
+  u * W in their inclusive prefix sum, and scans only that chunk (a block cumsum) for the token.
+  The sampled BLOCK depends on V only, never on the number of rows, so a row gets bit-identical
   float sums (hence the same token for the same u) whether it is sampled alone (AR) or among the
   B * T verification rows: sampled speculative decoding is lossless by construction. (The same
   holds for the grouped top-k: its candidate set and sums depend on the row and V only.)
@@ -165,14 +165,6 @@ def _after_previous_kernel(PDL: tl.constexpr):
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
-
-
-@triton.jit
-def _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, NONE: tl.constexpr):
-    """Reduce per-chunk (max, first argmax): the largest value, ties to the first chunk."""
-    best = tl.max(chunk_max, axis=0)
-    winner = tl.min(tl.where(valid & (chunk_max == best), chunk_ids, NONE), axis=0)
-    return tl.sum(tl.where(chunk_ids == winner, chunk_argmax, 0), axis=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -300,6 +292,8 @@ def _grouped_top_k_kernel(
     rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
     group_max_ptr,  # [P, G] f32: _group_max_kernel's
     group_ids_ptr,  # [P, GROUPS_KEPT] int32 scratch
+    candidate_x_ptr,  # [P, CANDIDATES] f32 scratch
+    candidate_tok_ptr,  # [P, CANDIDATES] int32 scratch
     uniforms_ptr,  # [uniform_period] f32: pair p draws uniforms[p % uniform_period]
     tokens_ptr,  # [P] int64 out
     # sizes and scalars
@@ -316,6 +310,7 @@ def _grouped_top_k_kernel(
     KEY_SHIFT: tl.constexpr,
     GROUP: tl.constexpr,
     GROUPS_KEPT: tl.constexpr,
+    CANDIDATES: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
@@ -328,8 +323,10 @@ def _grouped_top_k_kernel(
     found by bisection over the group maxima) gives a candidate set that holds every kept
     token and counts exactly at every key >= c, so the top-k bisection over it is exact, as is
     top-p on the kept set; the draw is the inverse CDF over the candidates in token order. A row
-    of at most GROUPS_KEPT groups gathers them all; when ties leave no cut with few enough
-    groups, passes over the row do the same."""
+    of at most GROUPS_KEPT groups gathers them all. The tokens above a raised cut that still
+    keeps k of them, at most CANDIDATES, are then compacted to one per thread for the cuts and
+    the draw. When ties leave no cut with few enough groups or tokens, passes over the row do
+    the same."""
     _after_previous_kernel(PDL)
     pair = tl.program_id(0)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
@@ -357,6 +354,7 @@ def _grouped_top_k_kernel(
                 hi = mid + 1
         else:
             hi = mid
+    num_candidates = tl.full((), CANDIDATES + 1, tl.int32)  # > CANDIDATES: none compacted
     if num_kept <= GROUPS_KEPT:
         # the kept groups' ids, in order, through a scratch row (registers cannot be compacted)
         kept_group = group_key >= lo.to(tl.int32)
@@ -373,29 +371,54 @@ def _grouped_top_k_kernel(
         if num_groups <= GROUPS_KEPT:
             lo = tl.min(tl.min(tl.where(ok, key, 2147483647), axis=1), axis=0).to(tl.int64)
         hi = tl.max(tl.max(key, axis=1), axis=0).to(tl.int64) + 1
-        key_end = hi
-        while hi - lo > 1:
+        # Raise the cut while at least k tokens stay above it until at most CANDIDATES do, then
+        # compact those (in token order) to one per thread: the exact cuts and the draw then
+        # reduce CANDIDATES values per step instead of GROUPS_KEPT * GROUP.
+        num_candidates = tl.sum(tl.sum((key >= lo.to(tl.int32)).to(tl.int32), axis=1), axis=0)
+        while (num_candidates > CANDIDATES) & (hi - lo > 1):
             mid = lo + (hi - lo) // 2
             count = tl.sum(tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=1), axis=0)
             if count >= top_k:
+                lo = mid
+                num_candidates = count
+            else:
+                hi = mid
+        if num_candidates <= CANDIDATES:
+            candidate = key >= lo.to(tl.int32)
+            group_count = tl.sum(candidate.to(tl.int32), axis=1)
+            group_start = tl.cumsum(group_count, axis=0) - group_count
+            to = group_start[:, None] + tl.cumsum(candidate.to(tl.int32), axis=1) - 1
+            to += pair.to(tl.int64) * CANDIDATES
+            tl.store(candidate_x_ptr + to, x, mask=candidate)
+            tl.store(candidate_tok_ptr + to, tok, mask=candidate)
+    if num_candidates <= CANDIDATES:
+        tl.debug_barrier()
+        slots = tl.arange(0, CANDIDATES)
+        base = pair.to(tl.int64) * CANDIDATES
+        valid = slots < num_candidates
+        x = tl.load(candidate_x_ptr + base + slots, mask=valid, other=float("-inf"))
+        tok = tl.load(candidate_tok_ptr + base + slots, mask=valid, other=2147483647)
+        key = tl.where(valid, _order_key(x, KEY_SHIFT), -2147483648)
+        hi = tl.max(key, axis=0).to(tl.int64) + 1
+        key_end = hi
+        while hi - lo > 1:
+            mid = lo + (hi - lo) // 2
+            if tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= top_k:
                 lo = mid
             else:
                 hi = mid
         w = tl.where(key >= lo.to(tl.int32), _weight(x, x_max, scale), 0.0)
         if top_p < 1.0:
-            target = top_p * tl.sum(tl.sum(w, axis=1), axis=0)
+            target = top_p * tl.sum(w, axis=0)
             hi = key_end
             while hi - lo > 1:
                 mid = lo + (hi - lo) // 2
-                mass = tl.sum(tl.sum(tl.where(key >= mid.to(tl.int32), w, 0.0), axis=1), axis=0)
-                if mass >= target:
+                if tl.sum(tl.where(key >= mid.to(tl.int32), w, 0.0), axis=0) >= target:
                     lo = mid
                 else:
                     hi = mid
             w = tl.where(key >= lo.to(tl.int32), w, 0.0)
-        # empty slots (after the kept groups) get no id: their cumulative weight is the total
-        tok = tl.reshape(tl.where(ok, tok, 2147483647), (GROUPS_KEPT * GROUP,))
-        w = tl.reshape(w, (GROUPS_KEPT * GROUP,))
+        # empty slots (after the candidates) get no id: their cumulative weight is the total
         through = tl.cumsum(w, axis=0)
         target = u * tl.max(through, axis=0)
         found = tl.min(tl.where(through > target, tok, 2147483647), axis=0)
@@ -424,7 +447,6 @@ def _partials_kernel(
     rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
     threshold_ptr,  # [P] f32 (HAS_THRESHOLD)
     chunk_max_ptr,  # [P, S] f32 out: max kept logit of the chunk
-    chunk_argmax_ptr,  # [P, S] int32 out (GREEDY): its first token id
     chunk_mass_ptr,  # [P, S] f32 out (not GREEDY): sum exp2((x - chunk max) * scale) over kept
     # sizes and scalars
     vocab,
@@ -437,7 +459,6 @@ def _partials_kernel(
     HAS_THRESHOLD: tl.constexpr,
     GREEDY: tl.constexpr,
     BLOCK: tl.constexpr,
-    CHUNK_BLOCKS: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _after_previous_kernel(PDL)
@@ -447,37 +468,14 @@ def _partials_kernel(
     threshold = float("-inf")
     if HAS_THRESHOLD:
         threshold = tl.load(threshold_ptr + pair)
-    offs = tl.arange(0, BLOCK)
-    first = chunk * (BLOCK * CHUNK_BLOCKS)
-    run_max = float("-inf")
-    run_argmax = first
-    run_mass = 0.0
-    for i in tl.static_range(CHUNK_BLOCKS):
-        idx = first + i * BLOCK + offs
-        x = _kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD)
-        if GREEDY:
-            # one (value, index) reduction, ties to the smaller index
-            block_max, block_argmax = tl.max(
-                x, axis=0, return_indices=True, return_indices_tie_break_left=True
-            )
-            block_argmax += first + i * BLOCK
-            # strict: an earlier block keeps a tie
-            run_argmax = tl.where(block_max > run_max, block_argmax, run_argmax)
-            run_max = tl.maximum(run_max, block_max)
-        else:
-            new_max = tl.maximum(run_max, tl.max(x, axis=0))
-            # 0 while nothing is kept, so a chunk with nothing kept stays (-inf, 0) without
-            # -inf + inf
-            ref_max = tl.where(new_max > float("-inf"), new_max, 0.0)
-            run_mass = run_mass * tl.exp2((run_max - ref_max) * scale)
-            run_mass += tl.sum(_weight(x, ref_max, scale), axis=0)
-            run_max = new_max
+    x = _kept_logits(row_ptr, chunk * BLOCK + tl.arange(0, BLOCK), vocab, threshold, HAS_THRESHOLD)
+    chunk_max = tl.max(x, axis=0)
     out = pair * num_chunks + chunk
-    tl.store(chunk_max_ptr + out, run_max)
-    if GREEDY:
-        tl.store(chunk_argmax_ptr + out, run_argmax)
-    else:
-        tl.store(chunk_mass_ptr + out, run_mass)
+    tl.store(chunk_max_ptr + out, chunk_max)
+    if not GREEDY:  # greedy leaves the argmax to select: a (value, id) reduction here cost 30%
+        # 0 while nothing is kept, so a chunk with nothing kept stays (-inf, 0) without -inf + inf
+        ref_max = tl.where(chunk_max > float("-inf"), chunk_max, 0.0)
+        tl.store(chunk_mass_ptr + out, tl.sum(_weight(x, ref_max, scale), axis=0))
 
 
 @triton.jit
@@ -487,7 +485,6 @@ def _select_kernel(
     rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
     threshold_ptr,  # [P] f32 (HAS_THRESHOLD)
     chunk_max_ptr,  # [P, S] f32
-    chunk_argmax_ptr,  # [P, S] int32 (GREEDY)
     chunk_mass_ptr,  # [P, S] f32 (not GREEDY)
     uniforms_ptr,  # [uniform_period] f32: pair p draws uniforms[p % uniform_period]
     tokens_ptr,  # [P] int64 out
@@ -503,21 +500,24 @@ def _select_kernel(
     HAS_THRESHOLD: tl.constexpr,
     GREEDY: tl.constexpr,
     BLOCK: tl.constexpr,
-    CHUNK_BLOCKS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     PDL: tl.constexpr,
 ):
     _after_previous_kernel(PDL)
     pair = tl.program_id(0)
+    row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
     chunk_ids = tl.arange(0, BLOCK_S)
     valid = chunk_ids < num_chunks
     partial = pair * num_chunks + chunk_ids
     chunk_max = tl.load(chunk_max_ptr + partial, mask=valid, other=float("-inf"))
+    x_max = tl.max(chunk_max, axis=0)
     if GREEDY:
-        chunk_argmax = tl.load(chunk_argmax_ptr + partial, mask=valid, other=0)
-        token = _argmax_from_partials(chunk_max, chunk_argmax, chunk_ids, valid, BLOCK_S)
+        # the first chunk holding the row max, then the max's first id in it
+        chunk = tl.min(tl.where(chunk_max == x_max, chunk_ids, BLOCK_S), axis=0)
+        idx = chunk * BLOCK + tl.arange(0, BLOCK)
+        x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        token = tl.min(tl.where(x == x_max, idx, 2147483647), axis=0)
     else:
-        x_max = tl.max(chunk_max, axis=0)
         chunk_mass = tl.load(chunk_mass_ptr + partial, mask=valid, other=0.0)
         mass = tl.where(
             chunk_max > float("-inf"), chunk_mass * tl.exp2((chunk_max - x_max) * scale), 0.0
@@ -530,21 +530,13 @@ def _select_kernel(
         last_with_mass = tl.max(tl.where(valid & (mass > 0.0), chunk_ids, -1), axis=0)
         chunk = tl.where(chunk == BLOCK_S, last_with_mass, chunk)
         local_target = target - tl.sum(tl.where(chunk_ids == chunk - 1, mass_through, 0.0), axis=0)
-
-        row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
         threshold = float("-inf")
         if HAS_THRESHOLD:
             threshold = tl.load(threshold_ptr + pair)
-        offs = tl.arange(0, BLOCK)
-        first = chunk * (BLOCK * CHUNK_BLOCKS)
-        run = 0.0
-        found = 2147483647
-        last_positive = -1
-        for i in tl.static_range(CHUNK_BLOCKS):
-            run, found, last_positive = _scan_block(
-                row_ptr, first + i * BLOCK + offs, vocab, threshold, HAS_THRESHOLD, x_max, scale,
-                run, local_target, found, last_positive,
-            )  # fmt: skip
+        _, found, last_positive = _scan_block(
+            row_ptr, chunk * BLOCK + tl.arange(0, BLOCK), vocab, threshold, HAS_THRESHOLD, x_max,
+            scale, 0.0, local_target, 2147483647, -1,
+        )  # fmt: skip
         token = tl.where(found < 2147483647, found, last_positive)
     tl.store(tokens_ptr + pair, token.to(tl.int64))
 
@@ -627,14 +619,13 @@ def _accept_scan_kernel(
 
 _LOG2E = 1.4426950408889634
 _KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
-# Measured on the H200 (B = 5, T = 16, bf16, V = 151936 / 49152; bench.accept_chunks): one
-# 8192-token block per chunk and program beat larger chunks and smaller blocks; 4 partials warps
-# beat 8 (greedy accept 12.4 vs 12.5 us at V 151936); a few programs per SM looping over the
-# chunks (pipelined) were slower (13.0+ us); 32 warps of 8192 were the fastest threshold passes.
-# Changing BLOCK / CHUNK changes the sampled rounding (consistently for AR and verification: they
-# depend on V only).
-_BLOCK = 8192  # tokens per block of the partial/select kernels
-_CHUNK_BLOCKS = 1  # blocks per chunk: one partials program reads CHUNK = 8192 tokens of a row
+# Measured on the H200 (B = 5, T = 16 / 32, bf16, V = 151936 / 49152; bench.accept_chunks): one
+# 8192-token chunk per program beat larger chunks, smaller ones and a few programs per SM looping
+# over the chunks; 32 warps of 8192 were the fastest threshold passes. The sampled chunk sets the
+# float sums' rounding: it depends on V only (AR and verification agree). Greedy's chunk changes
+# nothing but the speed.
+_BLOCK = 8192  # tokens per chunk (one partials program) when sampling
+_GREEDY_BLOCK = 8192  # tokens per chunk for the argmax
 _THRESHOLD_BLOCK = 8192
 _NUM_WARPS = {
     "thresholds": 32, "group_max": 4, "grouped_top_k": 8, "partials": 4, "select": 8, "scan": 4,
@@ -643,6 +634,8 @@ _NUM_WARPS = {
 # in registers over the (at most _GROUPS_KEPT) groups that can hold the top-k
 _GROUP = 64
 _GROUPS_KEPT = 128
+# ... compacted to the at most _CANDIDATES tokens above a cut that keeps at least k (one a thread)
+_CANDIDATES = 256
 # Programmatic dependent launch for partials, select and the walk on sm_90+: each kernel launches
 # while its predecessor drains and waits (griddepcontrol.wait) before touching memory.
 _PDL = True
@@ -663,11 +656,10 @@ def _pdl(device: torch.device) -> dict:
     return {"PDL": on, "launch_pdl": True} if on else {"PDL": False}
 
 
-def _chunking(vocab: int) -> tuple[int, int, int]:
-    """(BLOCK, CHUNK_BLOCKS, num_chunks) for a vocabulary of `vocab` tokens."""
-    block = min(_BLOCK, triton.next_power_of_2(vocab))
-    chunk_blocks = min(_CHUNK_BLOCKS, triton.cdiv(vocab, block))
-    return block, chunk_blocks, triton.cdiv(vocab, block * chunk_blocks)
+def _chunking(vocab: int, greedy: bool) -> tuple[int, int]:
+    """(BLOCK, num_chunks) of the partials pass over a vocabulary of `vocab` tokens."""
+    block = min(_GREEDY_BLOCK if greedy else _BLOCK, triton.next_power_of_2(vocab))
+    return block, triton.cdiv(vocab, block)
 
 
 def _sample_pairs(
@@ -683,7 +675,6 @@ def _sample_pairs(
     """Launch the sampler on `num_pairs` pairs -> tokens [P] int64; pair p reads logits row rows[p]
     (default p) and uniforms[p % uniform_period]."""
     vocab = logits.shape[1]
-    block, chunk_blocks, num_chunks = _chunking(vocab)
     key_shift = _KEY_SHIFT[logits.dtype]
     greedy = temperature == 0.0
     scale = 0.0 if greedy else _LOG2E / temperature
@@ -696,6 +687,7 @@ def _sample_pairs(
     if 0 < top_k <= _GROUPS_KEPT:
         # a small top-k (then top-p): group maxima over (rows, chunks), then one program per row
         # finds both cuts and draws, in registers over the groups that can hold the top-k
+        block, _ = _chunking(vocab, greedy=False)
         group = min(_GROUP, block)
         num_groups = triton.cdiv(vocab, group)
         group_max = torch.empty(num_pairs, num_groups, dtype=torch.float32, device=device)
@@ -707,21 +699,22 @@ def _sample_pairs(
             num_warps=_NUM_WARPS["group_max"], **_pdl(device),
         )  # fmt: skip
         group_ids = torch.empty(num_pairs, _GROUPS_KEPT, dtype=torch.int32, device=device)
+        candidate_x = torch.empty(num_pairs, _CANDIDATES, dtype=torch.float32, device=device)
+        candidate_tok = torch.empty(num_pairs, _CANDIDATES, dtype=torch.int32, device=device)
         tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)
         _grouped_top_k_kernel[(num_pairs,)](
-            logits, rows_arg, group_max, group_ids, uniforms, tokens,
+            logits, rows_arg, group_max, group_ids, candidate_x, candidate_tok, uniforms, tokens,
             vocab, num_groups, uniform_period, top_k, top_p, scale,
             logits.stride(0),
             HAS_ROWS=has_rows, KEY_SHIFT=key_shift, GROUP=group, GROUPS_KEPT=_GROUPS_KEPT,
-            BLOCK_G=triton.next_power_of_2(num_groups),
+            CANDIDATES=_CANDIDATES, BLOCK_G=triton.next_power_of_2(num_groups),
             BLOCK=min(_THRESHOLD_BLOCK, triton.next_power_of_2(vocab)),
             num_warps=_NUM_WARPS["grouped_top_k"], **_pdl(device),
         )  # fmt: skip
         return tokens
+    block, num_chunks = _chunking(vocab, greedy)
     chunk_max = torch.empty(num_pairs, num_chunks, dtype=torch.float32, device=device)
-    chunk_val = torch.empty(
-        num_pairs, num_chunks, dtype=torch.int32 if greedy else torch.float32, device=device
-    )
+    chunk_mass = chunk_max if greedy else torch.empty_like(chunk_max)
     threshold = chunk_max
     if has_threshold:
         threshold = torch.empty(num_pairs, dtype=torch.float32, device=device)
@@ -734,21 +727,20 @@ def _sample_pairs(
             num_warps=_NUM_WARPS["thresholds"], **_pdl(device),
         )  # fmt: skip
     _partials_kernel[(num_pairs, num_chunks)](
-        logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,
+        logits, rows_arg, threshold, chunk_max, chunk_mass,
         vocab, num_chunks, scale,
         logits.stride(0),
-        HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy,
-        BLOCK=block, CHUNK_BLOCKS=chunk_blocks,
+        HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy, BLOCK=block,
         num_warps=_NUM_WARPS["partials"], **_pdl(device),
     )  # fmt: skip
     tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)
     _select_kernel[(num_pairs,)](
-        logits, rows_arg, threshold, chunk_max, chunk_val, chunk_val,
+        logits, rows_arg, threshold, chunk_max, chunk_mass,
         uniforms if uniforms is not None else chunk_max, tokens,
         vocab, num_chunks, uniform_period, scale,
         logits.stride(0),
         HAS_ROWS=has_rows, HAS_THRESHOLD=has_threshold, GREEDY=greedy,
-        BLOCK=block, CHUNK_BLOCKS=chunk_blocks, BLOCK_S=triton.next_power_of_2(num_chunks),
+        BLOCK=block, BLOCK_S=triton.next_power_of_2(num_chunks),
         num_warps=_NUM_WARPS["select"], **_pdl(device),
     )  # fmt: skip
     return tokens

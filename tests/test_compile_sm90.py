@@ -85,11 +85,12 @@ def _variants():
         const = {"HAS_ROWS": True, "BLOCK": 8192, "GROUP": 64, "PDL": True}
         yield _group_max_kernel, signature, const, {"num_warps": 4, "launch_pdl": True}
         signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "group_max_ptr": "*fp32"}
-        signature |= {"group_ids_ptr": "*i32", "uniforms_ptr": "*fp32", "tokens_ptr": "*i64"}
+        signature |= {"group_ids_ptr": "*i32", "candidate_x_ptr": "*fp32"}
+        signature |= {"candidate_tok_ptr": "*i32", "uniforms_ptr": "*fp32", "tokens_ptr": "*i64"}
         signature |= {"vocab": "i32", "num_groups": "i32", "uniform_period": "i32"}
         signature |= {"top_k": "i32", "top_p": "fp32", "scale": "fp32", "stride_row": "i64"}
         const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "GROUP": 64, "GROUPS_KEPT": 128}
-        const |= {"BLOCK_G": 4096, "BLOCK": 8192, "PDL": True}
+        const |= {"CANDIDATES": 256, "BLOCK_G": 4096, "BLOCK": 8192, "PDL": True}
         yield _grouped_top_k_kernel, signature, const, {"num_warps": 8, "launch_pdl": True}
         signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*fp32"}
         signature |= {"vocab": "i32", "top_k": "i32", "top_p": "fp32", "scale": "fp32"}
@@ -109,7 +110,7 @@ def _sampler_variant(dtype: str, greedy: bool, pdl: bool, *, select: bool):
     """accept's partials pass or its select kernel over V = 151936 (19 chunks of 8192), greedy or
     sampled with a top-k/top-p threshold, with or without programmatic dependent launch."""
     signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*fp32"}
-    signature |= {"chunk_max_ptr": "*fp32", "chunk_argmax_ptr": "*i32", "chunk_mass_ptr": "*fp32"}
+    signature |= {"chunk_max_ptr": "*fp32", "chunk_mass_ptr": "*fp32"}
     if select:
         signature |= {"uniforms_ptr": "*fp32", "tokens_ptr": "*i64"}
     signature |= {"vocab": "i32", "num_chunks": "i32"}
@@ -117,7 +118,7 @@ def _sampler_variant(dtype: str, greedy: bool, pdl: bool, *, select: bool):
         signature["uniform_period"] = "i32"
     signature |= {"scale": "fp32", "stride_row": "i64"}
     const = {"HAS_ROWS": True, "HAS_THRESHOLD": not greedy, "GREEDY": greedy}
-    const |= {"BLOCK": 8192, "CHUNK_BLOCKS": 1, "PDL": pdl}
+    const |= {"BLOCK": 8192, "PDL": pdl}
     if select:
         const["BLOCK_S"] = 32
     return signature, const, {"num_warps": 8 if select else 4, "launch_pdl": pdl}

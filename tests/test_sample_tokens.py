@@ -17,7 +17,7 @@ import torch
 
 from kernels.accept import (
     _BLOCK,
-    _CHUNK_BLOCKS,
+    _CANDIDATES,
     _GROUP,
     _GROUPS_KEPT,
     _THRESHOLD_BLOCK,
@@ -25,7 +25,7 @@ from kernels.accept import (
     sample_tokens_ref,
 )
 
-CHUNK = _BLOCK * _CHUNK_BLOCKS
+CHUNK = _BLOCK
 MULTI_CHUNK_V = 2 * CHUNK + 77  # three chunks, the last one partial
 MULTI_BLOCK_V = _THRESHOLD_BLOCK + 904  # two blocks in the threshold kernel's passes
 MANY_GROUPS_V = _GROUP * (_GROUPS_KEPT + 30) - 5  # a small top-k bisects over the group maxima
@@ -391,6 +391,22 @@ def test_ties_beyond_the_groups() -> None:
         assert torch.equal(got, sample_tokens_ref(x, u, temperature=1.0, top_k=top_k, top_p=top_p))
         assert int(got[0]) % 7 == 0  # only the tied 1.0s are kept in row 0
         assert 0.7 * MANY_GROUPS_V <= int(got[1]) <= 0.8 * MANY_GROUPS_V  # u = 0.75, all tied
+
+
+def test_ties_beyond_the_candidates() -> None:
+    """More than _CANDIDATES tokens tied at one value in a few groups, fewer than k above it: no
+    cut keeps k tokens and at most _CANDIDATES, so the grouped kernel takes the passes, to the
+    same tokens as the reference; a few tied tokens fewer than _CANDIDATES are compacted."""
+    for num_tied in (_CANDIDATES + 40, _CANDIDATES - 10):
+        x = torch.randn(2, MANY_GROUPS_V, generator=torch.Generator().manual_seed(num_tied))
+        x[:, 3 : 3 + num_tied] = 5.0  # tied at the top of a few groups
+        x[1, 1000] = 6.0  # one token above the tie
+        u = torch.tensor([0.3, 0.9])
+        for top_k, top_p in [(20, 1.0), (20, 0.5), (_GROUPS_KEPT, 0.95)]:
+            got = sample_tokens(x, u, temperature=0.8, top_k=top_k, top_p=top_p)
+            want = sample_tokens_ref(x, u, temperature=0.8, top_k=top_k, top_p=top_p)
+            assert torch.equal(got, want), (num_tied, top_k, top_p)
+            assert 3 <= int(got[0]) < 3 + num_tied  # a tied token, drawn at u = 0.3
 
 
 def test_extreme_uniforms() -> None:

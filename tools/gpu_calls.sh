@@ -62,6 +62,11 @@
 #                                           an SM; rejected, no change): accept, sampler and
 #                                           sampled-lossless GPU tests (GPU0) || accept's benchmark
 #                                           and sweeps (GPU1)
+# Session 8 (greedy partials write the chunk max only; the grouped top-k compacts its candidates):
+#   call s24 carry []                       (branch next/fused-tail-rejected) accept in one launch
+#   call s25 carry []                       accept, sampler, lossless and graph GPU tests (GPU0) ||
+#                                           bench.read_floor, then accept's benchmark and sweeps
+#                                           (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -287,8 +292,17 @@ case "$call" in
     accept_calls 300 tests/test_accept.py tests/test_sample_tokens.py \
       tests/test_sampling_lossless.py
     ;;
+  s25)
+    run_on 0 400 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py \
+      tests/test_graphs.py tests/test_lossless.py &
+    (run_on 1 150 gpu1-read-floor.log python3 -m bench.read_floor --out-dir "$work"
+      run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
+      run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
+    wait
+    ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s23; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s25; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
