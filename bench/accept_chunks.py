@@ -40,15 +40,14 @@ accept_module = importlib.import_module("kernels.accept")
 # program, a persistent partials grid (a few programs per SM looping over the chunks), a packed
 # int32 greedy argmax and a one-launch accept (select and walk by the last program to arrive) slower
 CONFIGS = (
-    (8192, 8192, 4, 8, 4, True),
-    (8192, 8192, 4, 8, 4, False),
-    (8192, 8192, 8, 8, 4, True),
-    (8192, 8192, 2, 8, 4, True),
-    (8192, 8192, 4, 4, 4, True),
-    (8192, 16384, 4, 8, 4, True),
-    (8192, 16384, 4, 16, 4, True),
     (8192, 4096, 4, 8, 4, True),
-    (4096, 8192, 4, 8, 4, True),
+    (8192, 4096, 4, 8, 4, False),
+    (8192, 4096, 8, 8, 4, True),
+    (8192, 4096, 2, 8, 4, True),
+    (8192, 4096, 4, 4, 4, True),
+    (8192, 2048, 4, 8, 4, True),
+    (8192, 8192, 4, 8, 4, True),
+    (4096, 4096, 4, 8, 4, True),
 )
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0)}
 KNOBS = ("block", "greedy_block", "warps", "select_warps", "scan_warps", "pdl")

@@ -367,30 +367,34 @@ def _grouped_top_k_kernel(
         tok = group_ids[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # ascending token ids
         ok = (slots < num_kept)[:, None] & (tok < vocab)
         x = tl.load(row_ptr + tok, mask=ok, other=float("-inf")).to(tl.float32)
-        key = tl.where(ok, _order_key(x, KEY_SHIFT), -2147483648)
+        # cuts as float compares (_key_value), no key per token: fewer live registers
         if num_groups <= GROUPS_KEPT:
-            lo = tl.min(tl.min(tl.where(ok, key, 2147483647), axis=1), axis=0).to(tl.int64)
-        hi = tl.max(tl.max(key, axis=1), axis=0).to(tl.int64) + 1
+            x_min = tl.min(tl.min(tl.where(ok, x, float("inf")), axis=1), axis=0)
+            lo = _order_key(x_min, KEY_SHIFT).to(tl.int64)
+        hi = _order_key(x_max, KEY_SHIFT).to(tl.int64) + 1
         # Raise the cut while at least k tokens stay above it until at most CANDIDATES do, then
         # compact those (in token order) to one per thread: the exact cuts and the draw then
         # reduce CANDIDATES values per step instead of GROUPS_KEPT * GROUP.
-        num_candidates = tl.sum(tl.sum((key >= lo.to(tl.int32)).to(tl.int32), axis=1), axis=0)
+        at_lo = ok & (x >= _key_value(lo.to(tl.int32), KEY_SHIFT))
+        num_candidates = tl.sum(tl.sum(at_lo.to(tl.int32), axis=1), axis=0)
         while (num_candidates > CANDIDATES) & (hi - lo > 1):
             mid = lo + (hi - lo) // 2
-            count = tl.sum(tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=1), axis=0)
+            at_mid = ok & (x >= _key_value(mid.to(tl.int32), KEY_SHIFT))
+            count = tl.sum(tl.sum(at_mid.to(tl.int32), axis=1), axis=0)
             if count >= top_k:
                 lo = mid
                 num_candidates = count
             else:
                 hi = mid
         if num_candidates <= CANDIDATES:
-            candidate = key >= lo.to(tl.int32)
+            candidate = ok & (x >= _key_value(lo.to(tl.int32), KEY_SHIFT))
             group_count = tl.sum(candidate.to(tl.int32), axis=1)
             group_start = tl.cumsum(group_count, axis=0) - group_count
             to = group_start[:, None] + tl.cumsum(candidate.to(tl.int32), axis=1) - 1
-            to += pair.to(tl.int64) * CANDIDATES
-            tl.store(candidate_x_ptr + to, x, mask=candidate)
-            tl.store(candidate_tok_ptr + to, tok, mask=candidate)
+            base = pair.to(tl.int64) * CANDIDATES
+            tl.store(candidate_x_ptr + base + to, x, mask=candidate)
+            tok = group_ids[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+            tl.store(candidate_tok_ptr + base + to, tok, mask=candidate)
     if num_candidates <= CANDIDATES:
         tl.debug_barrier()
         slots = tl.arange(0, CANDIDATES)
@@ -623,9 +627,9 @@ _KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 # 8192-token chunk per program beat larger chunks, smaller ones and a few programs per SM looping
 # over the chunks; 32 warps of 8192 were the fastest threshold passes. The sampled chunk sets the
 # float sums' rounding: it depends on V only (AR and verification agree). Greedy's chunk changes
-# nothing but the speed.
+# nothing but the speed: 4096 beat 8192 and 16384 (select re-reads one chunk a row).
 _BLOCK = 8192  # tokens per chunk (one partials program) when sampling
-_GREEDY_BLOCK = 8192  # tokens per chunk for the argmax
+_GREEDY_BLOCK = 4096  # tokens per chunk for the argmax
 _THRESHOLD_BLOCK = 8192
 _NUM_WARPS = {
     "thresholds": 32, "group_max": 4, "grouped_top_k": 8, "partials": 4, "select": 8, "scan": 4,
@@ -636,6 +640,9 @@ _GROUP = 64
 _GROUPS_KEPT = 128
 # ... compacted to the at most _CANDIDATES tokens above a cut that keeps at least k (one a thread)
 _CANDIDATES = 256
+# the grouped kernel's passes over rows of heavy ties: a smaller block than the threshold
+# kernel's keeps the common path's registers (210 instead of 255 and spills, for sm_90)
+_TIED_ROW_BLOCK = 4096
 # Programmatic dependent launch for partials, select and the walk on sm_90+: each kernel launches
 # while its predecessor drains and waits (griddepcontrol.wait) before touching memory.
 _PDL = True
@@ -708,7 +715,7 @@ def _sample_pairs(
             logits.stride(0),
             HAS_ROWS=has_rows, KEY_SHIFT=key_shift, GROUP=group, GROUPS_KEPT=_GROUPS_KEPT,
             CANDIDATES=_CANDIDATES, BLOCK_G=triton.next_power_of_2(num_groups),
-            BLOCK=min(_THRESHOLD_BLOCK, triton.next_power_of_2(vocab)),
+            BLOCK=min(_TIED_ROW_BLOCK, triton.next_power_of_2(vocab)),
             num_warps=_NUM_WARPS["grouped_top_k"], **_pdl(device),
         )  # fmt: skip
         return tokens

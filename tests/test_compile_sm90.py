@@ -90,7 +90,7 @@ def _variants():
         signature |= {"vocab": "i32", "num_groups": "i32", "uniform_period": "i32"}
         signature |= {"top_k": "i32", "top_p": "fp32", "scale": "fp32", "stride_row": "i64"}
         const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "GROUP": 64, "GROUPS_KEPT": 128}
-        const |= {"CANDIDATES": 256, "BLOCK_G": 4096, "BLOCK": 8192, "PDL": True}
+        const |= {"CANDIDATES": 256, "BLOCK_G": 4096, "BLOCK": 4096, "PDL": True}
         yield _grouped_top_k_kernel, signature, const, {"num_warps": 8, "launch_pdl": True}
         signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*fp32"}
         signature |= {"vocab": "i32", "top_k": "i32", "top_p": "fp32", "scale": "fp32"}
