@@ -122,7 +122,7 @@ def sweep() -> list[dict]:
 
 
 # top-k / top-p: (warps of the group maxima kernel, warps of the grouped top-k kernel)
-THRESHOLD_CONFIGS = ((4, 8), (4, 16), (8, 16), (2, 16), (4, 4))
+THRESHOLD_CONFIGS = ((4, 4), (4, 8), (8, 4), (2, 4), (4, 2))
 TOP_K_P = dict(temperature=0.6, top_k=20, top_p=0.95)  # Qwen3's recommended warpers
 THRESHOLD_KNOBS = ("group_max_warps", "grouped_top_k_warps")
 THRESHOLD_COLUMNS = ("vocab", "T", *THRESHOLD_KNOBS, "current", "us")

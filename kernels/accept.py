@@ -631,8 +631,11 @@ _KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 _BLOCK = 8192  # tokens per chunk (one partials program) when sampling
 _GREEDY_BLOCK = 4096  # tokens per chunk for the argmax
 _THRESHOLD_BLOCK = 8192
+# The grouped top-k's 4 warps fit two programs an SM (~210 registers a thread), so T = 32's 160
+# rows run in one wave; 8 warps were faster at T = 16 only. Fixed, never chosen per row count:
+# the candidates' sums (their reduction order) must not depend on it (AR = verification).
 _NUM_WARPS = {
-    "thresholds": 32, "group_max": 4, "grouped_top_k": 8, "partials": 4, "select": 8, "scan": 4,
+    "thresholds": 32, "group_max": 4, "grouped_top_k": 4, "partials": 4, "select": 8, "scan": 4,
 }  # fmt: skip
 # 0 < top_k <= _GROUPS_KEPT: the maxima of groups of _GROUP tokens, then both cuts and the draw
 # in registers over the (at most _GROUPS_KEPT) groups that can hold the top-k
