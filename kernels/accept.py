@@ -38,8 +38,9 @@ How the kernels find it (no sort, no materialised vocabulary; every pass is over
   over V after the first: `_group_max_kernel` (grid (rows, chunks)) writes the maxima of groups
   of _GROUP = 64 tokens; `_grouped_top_k_kernel` (one program per row) bisects over them for a
   cut that at least k and at most 128 groups reach (their maxima are k tokens at or above it, so
-  the row's whole top-k lies in those groups), gathers those groups, finds both cuts in registers
-  over them (exact at every key above the group cut) and draws from them in token order. Rows
+  the row's whole top-k lies in those groups), gathers those groups, raises the cut while k tokens
+  stay above it until at most _CANDIDATES = 256 do, compacts those to one a thread, finds both cuts
+  over them (exact at every key above the cut) and draws from them in token order. Rows
   whose ties leave no such cut, and the other warpers (top-p alone, a larger top-k), bisect with
   one pass over V per step (~16 for bf16 keys) in `_thresholds_kernel`, then:
 * `_partials_kernel`, grid (rows, chunks of BLOCK tokens): each program writes its chunk's max m_c
