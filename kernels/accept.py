@@ -210,9 +210,18 @@ def _scan_block(row_ptr, idx, vocab, threshold, HAS_THRESHOLD: tl.constexpr, x_m
     weight exceeds target; last_positive: the last id of positive weight)."""
     w = _weight(_kept_logits(row_ptr, idx, vocab, threshold, HAS_THRESHOLD), x_max, scale)
     through = run + tl.cumsum(w, axis=0)
-    found = tl.minimum(found, tl.min(tl.where(through > target, idx, 2147483647), axis=0))
-    last_positive = tl.maximum(last_positive, tl.max(tl.where(w > 0.0, idx, -1), axis=0))
+    found, last_positive = _inverse_cdf_step(w, through, idx, target, found, last_positive)
     return tl.max(through, axis=0), found, last_positive
+
+
+@triton.jit
+def _inverse_cdf_step(w, through, ids, target, found, last_positive):
+    """(found, last_positive) updated with a run of tokens `ids` in token order, of weights w and
+    inclusive cumulative weights `through`: found, the first id whose cumulative weight exceeds
+    target; last_positive, the last id of positive weight."""
+    found = tl.minimum(found, tl.min(tl.where(through > target, ids, 2147483647), axis=0))
+    last_positive = tl.maximum(last_positive, tl.max(tl.where(w > 0.0, ids, -1), axis=0))
+    return found, last_positive
 
 
 @triton.jit
@@ -425,9 +434,9 @@ def _grouped_top_k_kernel(
             w = tl.where(key >= lo.to(tl.int32), w, 0.0)
         # empty slots (after the candidates) get no id: their cumulative weight is the total
         through = tl.cumsum(w, axis=0)
-        target = u * tl.max(through, axis=0)
-        found = tl.min(tl.where(through > target, tok, 2147483647), axis=0)
-        last_positive = tl.max(tl.where(w > 0.0, tok, -1), axis=0)
+        found, last_positive = _inverse_cdf_step(
+            w, through, tok, u * tl.max(through, axis=0), 2147483647, -1
+        )
     else:
         lo, x_max = _threshold_by_passes(row_ptr, vocab, top_k, top_p, scale, KEY_SHIFT, BLOCK)
         threshold = _key_value(lo.to(tl.int32), KEY_SHIFT)

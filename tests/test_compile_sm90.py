@@ -91,7 +91,7 @@ def _variants():
         signature |= {"top_k": "i32", "top_p": "fp32", "scale": "fp32", "stride_row": "i64"}
         const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "GROUP": 64, "GROUPS_KEPT": 128}
         const |= {"CANDIDATES": 256, "BLOCK_G": 4096, "BLOCK": 4096, "PDL": True}
-        yield _grouped_top_k_kernel, signature, const, {"num_warps": 8, "launch_pdl": True}
+        yield _grouped_top_k_kernel, signature, const, {"num_warps": 4, "launch_pdl": True}
         signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*fp32"}
         signature |= {"vocab": "i32", "top_k": "i32", "top_p": "fp32", "scale": "fp32"}
         signature["stride_row"] = "i64"
@@ -107,8 +107,9 @@ def _variants():
 
 
 def _sampler_variant(dtype: str, greedy: bool, pdl: bool, *, select: bool):
-    """accept's partials pass or its select kernel over V = 151936 (19 chunks of 8192), greedy or
-    sampled with a top-k/top-p threshold, with or without programmatic dependent launch."""
+    """accept's partials pass or its select kernel over V = 151936 (chunks of 4096 greedy, 8192
+    sampled), greedy or sampled with a top-k/top-p threshold, with or without programmatic
+    dependent launch."""
     signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*fp32"}
     signature |= {"chunk_max_ptr": "*fp32", "chunk_mass_ptr": "*fp32"}
     if select:
@@ -118,9 +119,9 @@ def _sampler_variant(dtype: str, greedy: bool, pdl: bool, *, select: bool):
         signature["uniform_period"] = "i32"
     signature |= {"scale": "fp32", "stride_row": "i64"}
     const = {"HAS_ROWS": True, "HAS_THRESHOLD": not greedy, "GREEDY": greedy}
-    const |= {"BLOCK": 8192, "PDL": pdl}
+    const |= {"BLOCK": 4096 if greedy else 8192, "PDL": pdl}
     if select:
-        const["BLOCK_S"] = 32
+        const["BLOCK_S"] = 64 if greedy else 32
     return signature, const, {"num_warps": 8 if select else 4, "launch_pdl": pdl}
 
 

@@ -117,11 +117,14 @@ real_target() {  # real_target BACKENDS RUN_LIMIT TEST_LIMIT: the default GGUF r
 }
 
 accept_calls() {  # accept_calls TEST_LIMIT TEST_FILE...: those GPU tests (GPU0) || accept's
-  # benchmark and sweeps (GPU1)
+  # benchmark and sweeps (GPU1), after the one-read floor (bench.read_floor) with READ_FLOOR=1
   local limit=$1
   shift
   run_on 0 "$limit" gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider "$@" &
-  (run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
+  (if [ -n "${READ_FLOOR:-}" ]; then
+    run_on 1 150 gpu1-read-floor.log python3 -m bench.read_floor --out-dir "$work"
+  fi
+    run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
     run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
   wait
 }
@@ -293,13 +296,8 @@ case "$call" in
       tests/test_sampling_lossless.py
     ;;
   s25)
-    run_on 0 400 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
-      tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py \
-      tests/test_graphs.py tests/test_lossless.py &
-    (run_on 1 150 gpu1-read-floor.log python3 -m bench.read_floor --out-dir "$work"
-      run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
-      run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
-    wait
+    READ_FLOOR=1 accept_calls 400 tests/test_accept.py tests/test_sample_tokens.py \
+      tests/test_sampling_lossless.py tests/test_graphs.py tests/test_lossless.py
     ;;
   *)
     echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s25; s6 is s4 again)" >&2
