@@ -9,10 +9,10 @@ on bench_accept's shapes (B = 5, T = 16 / 32, V = 151936 / 49152, bf16), replaye
 verification (both depend on V only), so any row here is a lossless choice.
 
 A second sweep times top-k 20 / top-p 0.95 per warps of its two kernels (the group maxima and the
-grouped top-k). Last, the shipped configuration's graphed time (without programmatic dependent
-launch) is split into its kernels (torch.profiler over graph replays): each kernel's device time per
-call, and the rest of the graph's time, the gaps between dependent launches; beside it the time with
-PDL.
+grouped top-k), the fewest groups the grouped top-k gathers and from how many it compacts their
+candidates. Last, the shipped configuration's graphed time (without programmatic dependent launch)
+is split into its kernels (torch.profiler over graph replays): each kernel's device time per call,
+and the rest of the graph's time, the gaps between dependent launches; beside it the time with PDL.
 
     python -m bench.accept_chunks [--out-dir DIR]     # CUDA only; accept_chunks-<gpu>-<date>.json
 """
@@ -121,20 +121,41 @@ def sweep() -> list[dict]:
     return _timed_sweep(CONFIGS, KNOBS, _configure, _shipped(), MODES)
 
 
-# top-k / top-p: (warps of the group maxima kernel, warps of the grouped top-k kernel)
-THRESHOLD_CONFIGS = ((4, 4), (4, 8), (8, 4), (2, 4), (4, 2))
+# top-k / top-p: (warps of the group maxima kernel, warps of the grouped top-k kernel, the fewest
+# groups it gathers (max(that, next_pow2(k))), the fewest gathered groups whose candidates it
+# compacts)
+# (4, 4, 128, 128) is session 8's shipped configuration
+THRESHOLD_CONFIGS = (
+    (2, 4, 32, 64),
+    (2, 8, 32, 64),
+    (2, 4, 32, 32),
+    (2, 8, 32, 32),
+    (2, 4, 64, 128),
+    (4, 4, 32, 64),
+    (4, 4, 128, 128),
+)
 TOP_K_P = dict(temperature=0.6, top_k=20, top_p=0.95)  # Qwen3's recommended warpers
-THRESHOLD_KNOBS = ("group_max_warps", "grouped_top_k_warps")
+THRESHOLD_KNOBS = ("group_max_warps", "grouped_top_k_warps", "min_groups_kept", "compact_from")
 THRESHOLD_COLUMNS = ("vocab", "T", *THRESHOLD_KNOBS, "current", "us")
 
 
-def _configure_thresholds(group_max: int, grouped_top_k: int) -> None:
+def _configure_thresholds(
+    group_max: int, grouped_top_k: int, min_groups_kept: int, compact_from: int
+) -> None:
     accept_module._NUM_WARPS.update(group_max=group_max, grouped_top_k=grouped_top_k)
+    accept_module._MIN_GROUPS_KEPT = min_groups_kept
+    accept_module._COMPACT_FROM_GROUPS = compact_from
 
 
 def threshold_sweep() -> list[dict]:
-    """accept with top-k 20 / top-p 0.95 per warps of its two kernels."""
-    shipped = (accept_module._NUM_WARPS["group_max"], accept_module._NUM_WARPS["grouped_top_k"])
+    """accept with top-k 20 / top-p 0.95 per warps of its two kernels and the fewest groups the
+    grouped top-k gathers."""
+    shipped = (
+        accept_module._NUM_WARPS["group_max"],
+        accept_module._NUM_WARPS["grouped_top_k"],
+        accept_module._MIN_GROUPS_KEPT,
+        accept_module._COMPACT_FROM_GROUPS,
+    )
     modes = {"top-k/p": TOP_K_P}
     return _timed_sweep(THRESHOLD_CONFIGS, THRESHOLD_KNOBS, _configure_thresholds, shipped, modes)
 

@@ -37,10 +37,11 @@ How the kernels find it (no sort, no materialised vocabulary; every pass is over
 * A small top-k (0 < top_k <= _GROUPS_KEPT = 128), then top-p, takes two launches and no pass
   over V after the first: `_group_max_kernel` (grid (rows, chunks)) writes the maxima of groups
   of _GROUP = 64 tokens; `_grouped_top_k_kernel` (one program per row) bisects over them for a
-  cut that at least k and at most 128 groups reach (their maxima are k tokens at or above it, so
-  the row's whole top-k lies in those groups), gathers those groups, raises the cut while k tokens
-  stay above it until at most _CANDIDATES = 256 do, compacts those to one a thread, finds both cuts
-  over them (exact at every key above the cut) and draws from them in token order. Rows
+  cut that at least k and at most G_k = max(32, next_pow2(k)) groups reach (their maxima are k
+  tokens at or above it, so the row's whole top-k lies in those groups), gathers those groups (for
+  G_k >= 64, raises the cut while k tokens stay above it until at most _CANDIDATES = 256 do and
+  compacts those to one a thread), finds both cuts over them (exact at every key above the cut)
+  and draws from them in token order. Rows
   whose ties leave no such cut, and the other warpers (top-p alone, a larger top-k), bisect with
   one pass over V per step (~16 for bf16 keys) in `_thresholds_kernel`, then:
 * `_partials_kernel`, grid (rows, chunks of BLOCK tokens): each program writes its chunk's max m_c
@@ -323,6 +324,7 @@ def _grouped_top_k_kernel(
     CANDIDATES: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK: tl.constexpr,
+    COMPACT: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """One row's token under a small top-k (then top-p): both cuts and the draw in registers
@@ -333,10 +335,10 @@ def _grouped_top_k_kernel(
     found by bisection over the group maxima) gives a candidate set that holds every kept
     token and counts exactly at every key >= c, so the top-k bisection over it is exact, as is
     top-p on the kept set; the draw is the inverse CDF over the candidates in token order. A row
-    of at most GROUPS_KEPT groups gathers them all. The tokens above a raised cut that still
-    keeps k of them, at most CANDIDATES, are then compacted to one per thread for the cuts and
-    the draw. When ties leave no cut with few enough groups or tokens, passes over the row do
-    the same."""
+    of at most GROUPS_KEPT groups gathers them all. With COMPACT, the tokens above a raised cut
+    that still keeps k of them, at most CANDIDATES, are then compacted to one per thread for the
+    cuts and the draw; without, those run on the gathered tile. When ties leave no cut with few
+    enough groups (or, with COMPACT, tokens), passes over the row do the same."""
     _after_previous_kernel(PDL)
     pair = tl.program_id(0)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
@@ -350,7 +352,7 @@ def _grouped_top_k_kernel(
     x_max = tl.max(group_max, axis=0)
     group_key = tl.where(gid < num_groups, _order_key(group_max, KEY_SHIFT), -2147483648)
     lo = tl.min(tl.where(gid < num_groups, group_key, 2147483647), axis=0).to(tl.int64)
-    hi = tl.max(group_key, axis=0).to(tl.int64) + 1
+    hi = _order_key(x_max, KEY_SHIFT).to(tl.int64) + 1  # the largest key: no reduction
     num_kept = num_groups
     if num_groups <= GROUPS_KEPT:
         hi = lo + 1  # every group: the candidates are the whole row
@@ -365,6 +367,9 @@ def _grouped_top_k_kernel(
         else:
             hi = mid
     num_candidates = tl.full((), CANDIDATES + 1, tl.int32)  # > CANDIDATES: none compacted
+    tile_x = tl.full([GROUPS_KEPT * GROUP], float("-inf"), tl.float32)
+    tile_tok = tl.full([GROUPS_KEPT * GROUP], 2147483647, tl.int32)
+    tile_ok = tl.full([GROUPS_KEPT * GROUP], False, tl.int1)
     if num_kept <= GROUPS_KEPT:
         # the kept groups' ids, in order, through a scratch row (registers cannot be compacted)
         kept_group = group_key >= lo.to(tl.int32)
@@ -382,38 +387,47 @@ def _grouped_top_k_kernel(
             x_min = tl.min(tl.min(tl.where(ok, x, float("inf")), axis=1), axis=0)
             lo = _order_key(x_min, KEY_SHIFT).to(tl.int64)
         hi = _order_key(x_max, KEY_SHIFT).to(tl.int64) + 1
-        # Raise the cut while at least k tokens stay above it until at most CANDIDATES do, then
-        # compact those (in token order) to one per thread: the exact cuts and the draw then
-        # reduce CANDIDATES values per step instead of GROUPS_KEPT * GROUP.
-        at_lo = ok & (x >= _key_value(lo.to(tl.int32), KEY_SHIFT))
-        num_candidates = tl.sum(tl.sum(at_lo.to(tl.int32), axis=1), axis=0)
-        while (num_candidates > CANDIDATES) & (hi - lo > 1):
-            mid = lo + (hi - lo) // 2
-            at_mid = ok & (x >= _key_value(mid.to(tl.int32), KEY_SHIFT))
-            count = tl.sum(tl.sum(at_mid.to(tl.int32), axis=1), axis=0)
-            if count >= top_k:
-                lo = mid
-                num_candidates = count
-            else:
-                hi = mid
-        if num_candidates <= CANDIDATES:
-            candidate = ok & (x >= _key_value(lo.to(tl.int32), KEY_SHIFT))
-            group_count = tl.sum(candidate.to(tl.int32), axis=1)
-            group_start = tl.cumsum(group_count, axis=0) - group_count
-            to = group_start[:, None] + tl.cumsum(candidate.to(tl.int32), axis=1) - 1
-            base = pair.to(tl.int64) * CANDIDATES
-            tl.store(candidate_x_ptr + base + to, x, mask=candidate)
-            tok = group_ids[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
-            tl.store(candidate_tok_ptr + base + to, tok, mask=candidate)
+        if COMPACT:
+            # Raise the cut while at least k tokens stay above it until at most CANDIDATES do,
+            # then compact those (in token order) to one per thread: the exact cuts and the draw
+            # then reduce CANDIDATES values per step instead of GROUPS_KEPT * GROUP.
+            at_lo = ok & (x >= _key_value(lo.to(tl.int32), KEY_SHIFT))
+            num_candidates = tl.sum(tl.sum(at_lo.to(tl.int32), axis=1), axis=0)
+            while (num_candidates > CANDIDATES) & (hi - lo > 1):
+                mid = lo + (hi - lo) // 2
+                at_mid = ok & (x >= _key_value(mid.to(tl.int32), KEY_SHIFT))
+                count = tl.sum(tl.sum(at_mid.to(tl.int32), axis=1), axis=0)
+                if count >= top_k:
+                    lo = mid
+                    num_candidates = count
+                else:
+                    hi = mid
+            if num_candidates <= CANDIDATES:
+                candidate = ok & (x >= _key_value(lo.to(tl.int32), KEY_SHIFT))
+                group_count = tl.sum(candidate.to(tl.int32), axis=1)
+                group_start = tl.cumsum(group_count, axis=0) - group_count
+                to = group_start[:, None] + tl.cumsum(candidate.to(tl.int32), axis=1) - 1
+                base = pair.to(tl.int64) * CANDIDATES
+                tl.store(candidate_x_ptr + base + to, x, mask=candidate)
+                tok = group_ids[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+                tl.store(candidate_tok_ptr + base + to, tok, mask=candidate)
+        else:  # the gathered tile, flat in token order, holds the candidates
+            num_candidates = 0
+            tile_x = tl.reshape(x, [GROUPS_KEPT * GROUP])
+            tile_tok = tl.reshape(tl.where(ok, tok, 2147483647), [GROUPS_KEPT * GROUP])
+            tile_ok = tl.reshape(ok, [GROUPS_KEPT * GROUP])
     if num_candidates <= CANDIDATES:
-        tl.debug_barrier()
-        slots = tl.arange(0, CANDIDATES)
-        base = pair.to(tl.int64) * CANDIDATES
-        valid = slots < num_candidates
-        x = tl.load(candidate_x_ptr + base + slots, mask=valid, other=float("-inf"))
-        tok = tl.load(candidate_tok_ptr + base + slots, mask=valid, other=2147483647)
+        if COMPACT:
+            tl.debug_barrier()
+            slots = tl.arange(0, CANDIDATES)
+            base = pair.to(tl.int64) * CANDIDATES
+            valid = slots < num_candidates
+            x = tl.load(candidate_x_ptr + base + slots, mask=valid, other=float("-inf"))
+            tok = tl.load(candidate_tok_ptr + base + slots, mask=valid, other=2147483647)
+        else:
+            x, tok, valid = tile_x, tile_tok, tile_ok
         key = tl.where(valid, _order_key(x, KEY_SHIFT), -2147483648)
-        hi = tl.max(key, axis=0).to(tl.int64) + 1
+        hi = _order_key(x_max, KEY_SHIFT).to(tl.int64) + 1  # the row max is a candidate
         key_end = hi
         while hi - lo > 1:
             mid = lo + (hi - lo) // 2
@@ -641,20 +655,27 @@ _KEY_SHIFT = {torch.float32: 0, torch.float16: 13, torch.bfloat16: 16}
 _BLOCK = 8192  # tokens per chunk (one partials program) when sampling
 _GREEDY_BLOCK = 4096  # tokens per chunk for the argmax
 _THRESHOLD_BLOCK = 8192
-# The grouped top-k's 4 warps fit two programs an SM (~210 registers a thread), so T = 32's 160
-# rows run in one wave; 8 warps were faster at T = 16 only. Fixed, never chosen per row count:
-# the candidates' sums (their reduction order) must not depend on it (AR = verification).
+# Top-k 20 / top-p 0.95 (bench.accept_chunks, session 9): group maxima on 2 warps, the grouped
+# top-k on 4 over a tile of 32 groups, uncompacted, beat 4 + 4 warps over 128 compacted groups by
+# 1.3 to 4.3 us; 8 warps were faster at V = 151936, T = 16 only. Fixed, never chosen per row
+# count: the candidates' sums (their reduction order) must not depend on it (AR = verification).
 _NUM_WARPS = {
-    "thresholds": 32, "group_max": 4, "grouped_top_k": 4, "partials": 4, "select": 8, "scan": 4,
+    "thresholds": 32, "group_max": 2, "grouped_top_k": 4, "partials": 4, "select": 8, "scan": 4,
 }  # fmt: skip
 # 0 < top_k <= _GROUPS_KEPT: the maxima of groups of _GROUP tokens, then both cuts and the draw
 # in registers over the (at most _GROUPS_KEPT) groups that can hold the top-k
 _GROUP = 64
 _GROUPS_KEPT = 128
+# ... gathering max(_MIN_GROUPS_KEPT, next_pow2(top_k)) of them: a function of top_k, never of the
+# row count (the candidates' sums depend on it)
+_MIN_GROUPS_KEPT = 32
+# ... whose tokens above a raised cut are compacted when it gathers at least this many groups
+# (the 2-D cumsum and scatter cost more than the cuts save on a tile of 32 groups)
+_COMPACT_FROM_GROUPS = 64
 # ... compacted to the at most _CANDIDATES tokens above a cut that keeps at least k (one a thread)
 _CANDIDATES = 256
 # the grouped kernel's passes over rows of heavy ties: a smaller block than the threshold
-# kernel's keeps the common path's registers (210 instead of 255 and spills, for sm_90)
+# kernel's, so that those rare passes do not crowd the common path's registers
 _TIED_ROW_BLOCK = 4096
 # Programmatic dependent launch for partials, select and the walk on sm_90+: each kernel launches
 # while its predecessor drains and waits (griddepcontrol.wait) before touching memory.
@@ -718,7 +739,8 @@ def _sample_pairs(
             HAS_ROWS=has_rows, BLOCK=block, GROUP=group,
             num_warps=_NUM_WARPS["group_max"], **_pdl(device),
         )  # fmt: skip
-        group_ids = torch.empty(num_pairs, _GROUPS_KEPT, dtype=torch.int32, device=device)
+        groups_kept = max(_MIN_GROUPS_KEPT, triton.next_power_of_2(top_k))
+        group_ids = torch.empty(num_pairs, groups_kept, dtype=torch.int32, device=device)
         candidate_x = torch.empty(num_pairs, _CANDIDATES, dtype=torch.float32, device=device)
         candidate_tok = torch.empty(num_pairs, _CANDIDATES, dtype=torch.int32, device=device)
         tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)
@@ -726,9 +748,10 @@ def _sample_pairs(
             logits, rows_arg, group_max, group_ids, candidate_x, candidate_tok, uniforms, tokens,
             vocab, num_groups, uniform_period, top_k, top_p, scale,
             logits.stride(0),
-            HAS_ROWS=has_rows, KEY_SHIFT=key_shift, GROUP=group, GROUPS_KEPT=_GROUPS_KEPT,
+            HAS_ROWS=has_rows, KEY_SHIFT=key_shift, GROUP=group, GROUPS_KEPT=groups_kept,
             CANDIDATES=_CANDIDATES, BLOCK_G=triton.next_power_of_2(num_groups),
             BLOCK=min(_TIED_ROW_BLOCK, triton.next_power_of_2(vocab)),
+            COMPACT=groups_kept >= _COMPACT_FROM_GROUPS,
             num_warps=_NUM_WARPS["grouped_top_k"], **_pdl(device),
         )  # fmt: skip
         return tokens

@@ -89,9 +89,11 @@ def _variants():
         signature |= {"candidate_tok_ptr": "*i32", "uniforms_ptr": "*fp32", "tokens_ptr": "*i64"}
         signature |= {"vocab": "i32", "num_groups": "i32", "uniform_period": "i32"}
         signature |= {"top_k": "i32", "top_p": "fp32", "scale": "fp32", "stride_row": "i64"}
-        const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "GROUP": 64, "GROUPS_KEPT": 128}
-        const |= {"CANDIDATES": 256, "BLOCK_G": 4096, "BLOCK": 4096, "PDL": True}
-        yield _grouped_top_k_kernel, signature, const, {"num_warps": 4, "launch_pdl": True}
+        for groups_kept, compact in ((32, False), (128, True)):  # top-k 20; top-k 128
+            const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "GROUP": 64}
+            const |= {"GROUPS_KEPT": groups_kept, "CANDIDATES": 256, "BLOCK_G": 4096}
+            const |= {"BLOCK": 4096, "COMPACT": compact, "PDL": True}
+            yield _grouped_top_k_kernel, signature, const, {"num_warps": 4, "launch_pdl": True}
         signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*fp32"}
         signature |= {"vocab": "i32", "top_k": "i32", "top_p": "fp32", "scale": "fp32"}
         signature["stride_row"] = "i64"
@@ -204,9 +206,10 @@ def test_kernels_compile_for_sm90() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     # per dtype: rms_norm, silu_mul, emit, rope tables, rope, prefix, branch, accept's partials
     # and select (greedy / sampled, with and without PDL); then the group maxima, the grouped
-    # top-k and the threshold kernels (bf16, fp16, fp32) and the walk (with and without PDL)
+    # top-k (a tile of 32 groups, 128 compacted) and the threshold kernels (bf16, fp16, fp32) and
+    # the walk (with and without PDL)
     per_dtype = 6 + 1 + 3 + 2 + 8 + 8 + 6 + 8
-    assert proc.stdout.count("ok ") == len(DTYPES) * per_dtype + 9 + 2, proc.stdout
+    assert proc.stdout.count("ok ") == len(DTYPES) * per_dtype + 12 + 2, proc.stdout
 
 
 if __name__ == "__main__":

@@ -394,15 +394,17 @@ def test_ties_beyond_the_groups() -> None:
 
 
 def test_ties_beyond_the_candidates() -> None:
-    """More than _CANDIDATES tokens tied at one value in a few groups, fewer than k above it: no
-    cut keeps k tokens and at most _CANDIDATES, so the grouped kernel takes the passes, to the
-    same tokens as the reference; a few tied tokens fewer than _CANDIDATES are compacted."""
+    """More than _CANDIDATES tokens tied at one value in a few groups, fewer than k above it: for
+    a top-k that compacts its candidates (k > 32: 64 groups and more), no cut keeps k tokens and
+    at most _CANDIDATES, so the grouped kernel takes the passes, to the same tokens as the
+    reference; a few tied tokens fewer than _CANDIDATES are compacted. Top-k 20 keeps its tile of
+    32 groups, uncompacted, whatever the ties."""
     for num_tied in (_CANDIDATES + 40, _CANDIDATES - 10):
         x = torch.randn(2, MANY_GROUPS_V, generator=torch.Generator().manual_seed(num_tied))
         x[:, 3 : 3 + num_tied] = 5.0  # tied at the top of a few groups
         x[1, 1000] = 6.0  # one token above the tie
         u = torch.tensor([0.3, 0.9])
-        for top_k, top_p in [(20, 1.0), (20, 0.5), (_GROUPS_KEPT, 0.95)]:
+        for top_k, top_p in [(20, 0.5), (40, 1.0), (40, 0.5), (_GROUPS_KEPT, 0.95)]:
             got = sample_tokens(x, u, temperature=0.8, top_k=top_k, top_p=top_p)
             want = sample_tokens_ref(x, u, temperature=0.8, top_k=top_k, top_p=top_p)
             assert torch.equal(got, want), (num_tied, top_k, top_p)

@@ -67,6 +67,10 @@
 #   call s25 carry []                       accept, sampler, lossless and graph GPU tests (GPU0) ||
 #                                           bench.read_floor, then accept's benchmark and sweeps
 #                                           (GPU1)
+# Session 9 (the grouped top-k over a tile of 32 groups, uncompacted, for top-k <= 32):
+#   call s26 carry []                       accept, sampler, lossless and graph GPU tests, then
+#                                           ncu's source-level profile of the grouped top-k (GPU0)
+#                                           || accept's benchmark and sweeps (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -127,6 +131,24 @@ accept_calls() {  # accept_calls TEST_LIMIT TEST_FILE...: those GPU tests (GPU0)
     run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
     run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
   wait
+}
+
+ncu_grouped() {  # ncu_grouped GPU LIMIT: the grouped top-k's source-level profile (V 151936,
+  # T 16, top-k 20 / top-p 0.95), instructions with their stall samples as CSV
+  local ncu=/usr/local/cuda/bin/ncu driver
+  driver='import torch; from kernels.accept import accept
+g = torch.Generator(device="cuda").manual_seed(0)
+x = torch.randn(80, 151936, device="cuda", generator=g).bfloat16()
+c = torch.randint(0, 3, (5, 16), device="cuda", generator=g)
+u = torch.rand(16, device="cuda", generator=g)
+for _ in range(2): accept(c, x, temperature=0.6, top_k=20, top_p=0.95, uniforms=u)
+torch.cuda.synchronize()'
+  run_on "$1" "$2" ncu.log "$ncu" --kernel-name regex:grouped_top_k --launch-skip 1 \
+    --launch-count 1 --set full --import-source yes -f -o "$work/grouped" python3 -c "$driver"
+  "$ncu" --import "$work/grouped.ncu-rep" --page source --csv --print-source sass \
+    > "$work/grouped-sass.csv" 2>> "$work/ncu.log"
+  "$ncu" --import "$work/grouped.ncu-rep" --page details --csv > "$work/grouped-details.csv" \
+    2>> "$work/ncu.log"
 }
 
 suite() {  # suite GPU LIMIT TEMPERATURES: the benchmark suite into /root/suite (resumable)
@@ -299,8 +321,17 @@ case "$call" in
     READ_FLOOR=1 accept_calls 400 tests/test_accept.py tests/test_sample_tokens.py \
       tests/test_sampling_lossless.py tests/test_graphs.py tests/test_lossless.py
     ;;
+  s26)
+    (run_on 0 400 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+        tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py \
+        tests/test_graphs.py tests/test_lossless.py
+      ncu_grouped 0 150) &
+    (run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
+      run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
+    wait
+    ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s25; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s26; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
