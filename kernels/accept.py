@@ -161,6 +161,11 @@ def _mass_at_least(
 
 
 @triton.jit
+def _max_and_min(max_a, min_a, max_b, min_b):
+    return tl.maximum(max_a, max_b), tl.minimum(min_a, min_b)
+
+
+@triton.jit
 def _after_previous_kernel(PDL: tl.constexpr):
     """Under programmatic dependent launch (PDL): wait until the previous kernel's writes are
     visible, then let the next kernel launch early (it waits here too before touching memory)."""
@@ -349,9 +354,11 @@ def _grouped_top_k_kernel(
         mask=gid < num_groups,
         other=float("-inf"),
     )
-    x_max = tl.max(group_max, axis=0)
     group_key = tl.where(gid < num_groups, _order_key(group_max, KEY_SHIFT), -2147483648)
-    lo = tl.min(tl.where(gid < num_groups, group_key, 2147483647), axis=0).to(tl.int64)
+    x_max, lo = tl.reduce(
+        (group_max, tl.where(gid < num_groups, group_key, 2147483647)), 0, _max_and_min
+    )  # one reduction for both
+    lo = lo.to(tl.int64)
     hi = _order_key(x_max, KEY_SHIFT).to(tl.int64) + 1  # the largest key: no reduction
     num_kept = num_groups
     if num_groups <= GROUPS_KEPT:
@@ -617,12 +624,13 @@ def _accept_scan_kernel(
     # first_of[b, t] = first(b, t): the smallest f with first_diff[f, b] > t
     shares = (first_diff[:, :, None] > ot[None, None, :]) & b_ok[:, None, None]
     first_of = tl.min(tl.where(shares, ob[:, None, None], BLOCK_B), axis=0)
-    # node_target[b, t] = target[first(b, t), t], the target token at b's node of depth t
-    at_first = ob[:, None, None] == first_of[None, :, :]
+    # node_target[b, t] = target[first(b, t), t], the target token at b's node of depth t: a
+    # gather, so that nothing but loads waits for the previous kernel
+    node_pair = first_of * depth + ot[None, :]
     _after_previous_kernel(PDL)
     target = tl.load(tokens_ptr + pair, mask=pair_ok, other=-1)
+    node_target = tl.load(tokens_ptr + node_pair, mask=pair_ok, other=-1)
     tl.store(target_tokens_ptr + pair, target, mask=pair_ok)
-    node_target = tl.sum(tl.where(at_first, target[:, None, :], 0), axis=0)
     survives = (next_draft == node_target) & (ot + 1 < depth)[None, :]
     # reached[b]: the depth where b's walk stops (its first non-surviving depth); a = the deepest
     reached = tl.min(tl.where(survives | ~t_ok[None, :], BLOCK_T, ot[None, :]), axis=1)
