@@ -9,8 +9,8 @@ on bench_accept's shapes (B = 5, T = 16 / 32, V = 151936 / 49152, bf16), replaye
 verification (both depend on V only), so any row here is a lossless choice.
 
 A second sweep times top-k 20 / top-p 0.95 per warps of its two kernels (the group maxima and the
-grouped top-k), the fewest groups the grouped top-k gathers and from how many it compacts their
-candidates. Last, the shipped configuration's graphed time (without programmatic dependent launch)
+grouped top-k), the fewest groups the grouped top-k gathers, from how many it compacts their
+candidates and the tokens per group. Last, the shipped configuration's graphed time (without programmatic dependent launch)
 is split into its kernels (torch.profiler over graph replays): each kernel's device time per call,
 and the rest of the graph's time, the gaps between dependent launches; beside it the time with PDL.
 
@@ -123,28 +123,34 @@ def sweep() -> list[dict]:
 
 # top-k / top-p: (warps of the group maxima kernel, warps of the grouped top-k kernel, the fewest
 # groups it gathers (max(that, next_pow2(k))), the fewest gathered groups whose candidates it
-# compacts)
-# (4, 4, 128, 128) is session 8's shipped configuration
+# compacts, tokens per group); (4, 4, 128, 128, 64) is session 8's shipped configuration
 THRESHOLD_CONFIGS = (
-    (2, 4, 32, 64),
-    (2, 8, 32, 64),
-    (2, 4, 32, 32),
-    (2, 8, 32, 32),
-    (2, 4, 64, 128),
-    (4, 4, 32, 64),
-    (4, 4, 128, 128),
+    (2, 4, 32, 64, 64),
+    (2, 4, 32, 64, 128),
+    (2, 8, 32, 64, 128),
+    (2, 4, 32, 64, 32),
+    (2, 8, 32, 64, 64),
+    (4, 4, 32, 64, 64),
+    (4, 4, 128, 128, 64),
 )
 TOP_K_P = dict(temperature=0.6, top_k=20, top_p=0.95)  # Qwen3's recommended warpers
-THRESHOLD_KNOBS = ("group_max_warps", "grouped_top_k_warps", "min_groups_kept", "compact_from")
+THRESHOLD_KNOBS = (
+    "group_max_warps",
+    "grouped_top_k_warps",
+    "min_groups_kept",
+    "compact_from",
+    "group",
+)
 THRESHOLD_COLUMNS = ("vocab", "T", *THRESHOLD_KNOBS, "current", "us")
 
 
 def _configure_thresholds(
-    group_max: int, grouped_top_k: int, min_groups_kept: int, compact_from: int
+    group_max: int, grouped_top_k: int, min_groups_kept: int, compact_from: int, group: int
 ) -> None:
     accept_module._NUM_WARPS.update(group_max=group_max, grouped_top_k=grouped_top_k)
     accept_module._MIN_GROUPS_KEPT = min_groups_kept
     accept_module._COMPACT_FROM_GROUPS = compact_from
+    accept_module._GROUP = group
 
 
 def threshold_sweep() -> list[dict]:
@@ -155,6 +161,7 @@ def threshold_sweep() -> list[dict]:
         accept_module._NUM_WARPS["grouped_top_k"],
         accept_module._MIN_GROUPS_KEPT,
         accept_module._COMPACT_FROM_GROUPS,
+        accept_module._GROUP,
     )
     modes = {"top-k/p": TOP_K_P}
     return _timed_sweep(THRESHOLD_CONFIGS, THRESHOLD_KNOBS, _configure_thresholds, shipped, modes)
