@@ -41,9 +41,9 @@ How the kernels find it (no sort, no materialised vocabulary; every pass is over
   tokens at or above it, so the row's whole top-k lies in those groups), gathers those groups (for
   G_k >= 64, raises the cut while k tokens stay above it until at most _CANDIDATES = 256 do and
   compacts those to one a thread), finds both cuts over them (exact at every key above the cut)
-  and draws from them in token order. Rows
-  whose ties leave no such cut, and the other warpers (top-p alone, a larger top-k), bisect with
-  one pass over V per step (~16 for bf16 keys) in `_thresholds_kernel`, then:
+  and draws from them in token order. Rows whose ties leave no such cut, and the other warpers
+  (top-p alone, a larger top-k), bisect with one pass over V per step (~16 for bf16 keys) in
+  `_thresholds_kernel`, then:
 * `_partials_kernel`, grid (rows, chunks of BLOCK tokens): each program writes its chunk's max m_c
   of the kept logits and, sampling, sum_c exp2((x - m_c) * log2(e) / temperature) over the kept
   tokens.
@@ -374,6 +374,7 @@ def _grouped_top_k_kernel(
         else:
             hi = mid
     num_candidates = tl.full((), CANDIDATES + 1, tl.int32)  # > CANDIDATES: none compacted
+    # (without COMPACT) the gathered tile, flat; given a value first: Triton needs one on every path
     tile_x = tl.full([GROUPS_KEPT * GROUP], float("-inf"), tl.float32)
     tile_tok = tl.full([GROUPS_KEPT * GROUP], 2147483647, tl.int32)
     tile_ok = tl.full([GROUPS_KEPT * GROUP], False, tl.int1)
@@ -419,7 +420,7 @@ def _grouped_top_k_kernel(
                 tok = group_ids[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
                 tl.store(candidate_tok_ptr + base + to, tok, mask=candidate)
         else:  # the gathered tile, flat in token order, holds the candidates
-            num_candidates = 0
+            num_candidates = 0  # <= CANDIDATES: the cuts and the draw below, on the tile
             tile_x = tl.reshape(x, [GROUPS_KEPT * GROUP])
             tile_tok = tl.reshape(tl.where(ok, tok, 2147483647), [GROUPS_KEPT * GROUP])
             tile_ok = tl.reshape(ok, [GROUPS_KEPT * GROUP])
@@ -665,7 +666,7 @@ _GREEDY_BLOCK = 4096  # tokens per chunk for the argmax
 _THRESHOLD_BLOCK = 8192
 # Top-k 20 / top-p 0.95 (bench.accept_chunks, session 9): group maxima on 2 warps, the grouped
 # top-k on 4 over a tile of 32 groups, uncompacted, beat 4 + 4 warps over 128 compacted groups by
-# 1.3 to 4.3 us; 8 warps were faster at V = 151936, T = 16 only. Fixed, never chosen per row
+# 2.4 to 4.4 us; 8 warps were faster at V = 151936, T = 16 only. Fixed, never chosen per row
 # count: the candidates' sums (their reduction order) must not depend on it (AR = verification).
 _NUM_WARPS = {
     "thresholds": 32, "group_max": 2, "grouped_top_k": 4, "partials": 4, "select": 8, "scan": 4,
