@@ -10,9 +10,10 @@ verification (both depend on V only), so any row here is a lossless choice.
 
 A second sweep times top-k 20 / top-p 0.95 per warps of its two kernels (the group maxima and the
 grouped top-k), the fewest groups the grouped top-k gathers, from how many it compacts their
-candidates and the tokens per group. Last, the shipped configuration's graphed time (without programmatic dependent launch)
-is split into its kernels (torch.profiler over graph replays): each kernel's device time per call,
-and the rest of the graph's time, the gaps between dependent launches; beside it the time with PDL.
+candidates and the tokens per group. Last, the shipped configuration's graphed time (without
+programmatic dependent launch) is split into its kernels (torch.profiler over graph replays): each
+kernel's device time per call, and the rest of the graph's time, the gaps between dependent
+launches; beside it the time with PDL.
 
     python -m bench.accept_chunks [--out-dir DIR]     # CUDA only; accept_chunks-<gpu>-<date>.json
 """
@@ -154,8 +155,8 @@ def _configure_thresholds(
 
 
 def threshold_sweep() -> list[dict]:
-    """accept with top-k 20 / top-p 0.95 per warps of its two kernels and the fewest groups the
-    grouped top-k gathers."""
+    """accept with top-k 20 / top-p 0.95 per warps of its two kernels, the fewest groups the
+    grouped top-k gathers, from how many it compacts and the tokens per group."""
     shipped = (
         accept_module._NUM_WARPS["group_max"],
         accept_module._NUM_WARPS["grouped_top_k"],

@@ -162,6 +162,7 @@ def _mass_at_least(
 
 @triton.jit
 def _max_and_min(max_a, min_a, max_b, min_b):
+    """Combine of a (max, min) pair reduction (`tl.reduce` over two tensors at once)."""
     return tl.maximum(max_a, max_b), tl.minimum(min_a, min_b)
 
 
@@ -359,7 +360,8 @@ def _grouped_top_k_kernel(
         (group_max, tl.where(gid < num_groups, group_key, 2147483647)), 0, _max_and_min
     )  # one reduction for both
     lo = lo.to(tl.int64)
-    hi = _order_key(x_max, KEY_SHIFT).to(tl.int64) + 1  # the largest key: no reduction
+    key_end = _order_key(x_max, KEY_SHIFT).to(tl.int64) + 1  # past the largest key: no reduction
+    hi = key_end
     num_kept = num_groups
     if num_groups <= GROUPS_KEPT:
         hi = lo + 1  # every group: the candidates are the whole row
@@ -394,11 +396,11 @@ def _grouped_top_k_kernel(
         if num_groups <= GROUPS_KEPT:
             x_min = tl.min(tl.min(tl.where(ok, x, float("inf")), axis=1), axis=0)
             lo = _order_key(x_min, KEY_SHIFT).to(tl.int64)
-        hi = _order_key(x_max, KEY_SHIFT).to(tl.int64) + 1
         if COMPACT:
             # Raise the cut while at least k tokens stay above it until at most CANDIDATES do,
             # then compact those (in token order) to one per thread: the exact cuts and the draw
             # then reduce CANDIDATES values per step instead of GROUPS_KEPT * GROUP.
+            hi = key_end
             at_lo = ok & (x >= _key_value(lo.to(tl.int32), KEY_SHIFT))
             num_candidates = tl.sum(tl.sum(at_lo.to(tl.int32), axis=1), axis=0)
             while (num_candidates > CANDIDATES) & (hi - lo > 1):
@@ -435,8 +437,7 @@ def _grouped_top_k_kernel(
         else:
             x, tok, valid = tile_x, tile_tok, tile_ok
         key = tl.where(valid, _order_key(x, KEY_SHIFT), -2147483648)
-        hi = _order_key(x_max, KEY_SHIFT).to(tl.int64) + 1  # the row max is a candidate
-        key_end = hi
+        hi = key_end  # the row max is a candidate
         while hi - lo > 1:
             mid = lo + (hi - lo) // 2
             if tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= top_k:
