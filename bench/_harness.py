@@ -177,11 +177,18 @@ def write_results(name: str, results: dict, out_dir: str | os.PathLike | None = 
     return path
 
 
-def cuda_sweep_args(name: str, doc: str, argv: Sequence[str] | None) -> argparse.Namespace | None:
-    """The command line of a CUDA-only sweep script (`--out-dir`), or None (after one line on
-    stderr) when there is no GPU: the caller then exits with code 2."""
+def cuda_sweep_args(
+    name: str, doc: str, argv: Sequence[str] | None, parts: Sequence[str] = ()
+) -> argparse.Namespace | None:
+    """The command line of a CUDA-only sweep script (`--out-dir`; `--only` among `parts`, the
+    sweeps it runs, default all), or None (after one line on stderr) when there is no GPU: the
+    caller then exits with code 2."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--out-dir", default=None, help="JSON folder (default: bench/results)")
+    if parts:
+        parser.add_argument(
+            "--only", nargs="+", choices=parts, default=list(parts), help="run only these sweeps"
+        )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(f"{name}: needs a CUDA GPU", file=sys.stderr)

@@ -71,6 +71,8 @@
 #   call s26 carry []                       accept, sampler, lossless and graph GPU tests, then
 #                                           ncu's source-level profile of the grouped top-k (GPU0)
 #                                           || accept's benchmark and sweeps (GPU1)
+# Session 10 (the grouped top-k: kept group ids without a scan, cuts probing FANOUT keys a step):
+#   call s27 carry []                       = s26, with only the top-k sweep and the kernel split
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -321,17 +323,21 @@ case "$call" in
     READ_FLOOR=1 accept_calls 400 tests/test_accept.py tests/test_sample_tokens.py \
       tests/test_sampling_lossless.py tests/test_graphs.py tests/test_lossless.py
     ;;
-  s26)
+  s26 | s27)
     (run_on 0 400 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
         tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py \
         tests/test_graphs.py tests/test_lossless.py
       ncu_grouped 0 150) &
+    sweeps="chunks thresholds split"
+    [ "$call" = s27 ] && sweeps="thresholds split"
+    # shellcheck disable=SC2086
     (run_on 1 100 gpu1-kernel-bench.log python3 -m bench.kernels --only accept --out "$work"
-      run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work") &
+      run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work" \
+        --only $sweeps) &
     wait
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s26; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s27; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
