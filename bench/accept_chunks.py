@@ -10,10 +10,10 @@ verification (both depend on V only), so any row here is a lossless choice.
 
 A second sweep times top-k 20 / top-p 0.95 per warps of its two kernels (the group maxima and the
 grouped top-k), the fewest groups the grouped top-k gathers, from how many it compacts their
-candidates, the tokens per group and the keys its cuts probe per step. Last, the shipped
-configuration's graphed time (without programmatic dependent launch) is split into its kernels
-(torch.profiler over graph replays): each kernel's device time per call, and the rest of the
-graph's time, the gaps between dependent launches; beside it the time with PDL.
+candidates and the tokens per group. Last, the shipped configuration's graphed time (without
+programmatic dependent launch) is split into its kernels (torch.profiler over graph replays): each
+kernel's device time per call, and the rest of the graph's time, the gaps between dependent
+launches; beside it the time with PDL.
 
     python -m bench.accept_chunks [--out-dir DIR] [--only chunks thresholds split]
                                         # CUDA only; accept_chunks-<gpu>-<date>.json
@@ -50,6 +50,10 @@ CONFIGS = (
     (8192, 2048, 4, 8, 4, True),
     (8192, 8192, 4, 8, 4, True),
     (4096, 4096, 4, 8, 4, True),
+    (8192, 4096, 4, 8, 1, True),
+    (8192, 4096, 4, 8, 2, True),
+    (8192, 4096, 4, 4, 1, True),
+    (8192, 4096, 4, 2, 1, True),
 )
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0)}
 PARTS = ("chunks", "thresholds", "split")  # the sweeps, in the order they run
@@ -126,17 +130,15 @@ def sweep() -> list[dict]:
 
 # top-k / top-p: (warps of the group maxima kernel, warps of the grouped top-k kernel, the fewest
 # groups it gathers (max(that, next_pow2(k))), the fewest gathered groups whose candidates it
-# compacts, tokens per group, keys probed per step of its cuts (1: bisection)); session 9 swept
-# the tokens per group (64 best) and session 8's 128 compacted groups (slower)
+# compacts, tokens per group); (4, 4, 128, 128, 64) is session 8's shipped configuration
 THRESHOLD_CONFIGS = (
-    (2, 4, 32, 64, 64, 8),
-    (2, 4, 32, 64, 64, 1),
-    (2, 4, 32, 64, 64, 4),
-    (2, 4, 32, 64, 64, 16),
-    (2, 8, 32, 64, 64, 8),
-    (2, 8, 32, 64, 64, 16),
-    (4, 4, 32, 64, 64, 8),
-    (2, 4, 64, 64, 64, 8),
+    (2, 4, 32, 64, 64),
+    (2, 4, 32, 64, 128),
+    (2, 8, 32, 64, 128),
+    (2, 4, 32, 64, 32),
+    (2, 8, 32, 64, 64),
+    (4, 4, 32, 64, 64),
+    (4, 4, 128, 128, 64),
 )
 TOP_K_P = dict(temperature=0.6, top_k=20, top_p=0.95)  # Qwen3's recommended warpers
 THRESHOLD_KNOBS = (
@@ -145,37 +147,28 @@ THRESHOLD_KNOBS = (
     "min_groups_kept",
     "compact_from",
     "group",
-    "fanout",
 )
 THRESHOLD_COLUMNS = ("vocab", "T", *THRESHOLD_KNOBS, "current", "us")
 
 
 def _configure_thresholds(
-    group_max: int,
-    grouped_top_k: int,
-    min_groups_kept: int,
-    compact_from: int,
-    group: int,
-    fanout: int,
+    group_max: int, grouped_top_k: int, min_groups_kept: int, compact_from: int, group: int
 ) -> None:
     accept_module._NUM_WARPS.update(group_max=group_max, grouped_top_k=grouped_top_k)
     accept_module._MIN_GROUPS_KEPT = min_groups_kept
     accept_module._COMPACT_FROM_GROUPS = compact_from
     accept_module._GROUP = group
-    accept_module._FANOUT = fanout
 
 
 def threshold_sweep() -> list[dict]:
     """accept with top-k 20 / top-p 0.95 per warps of its two kernels, the fewest groups the
-    grouped top-k gathers, from how many it compacts, the tokens per group and the keys its cuts
-    probe per step."""
+    grouped top-k gathers, from how many it compacts and the tokens per group."""
     shipped = (
         accept_module._NUM_WARPS["group_max"],
         accept_module._NUM_WARPS["grouped_top_k"],
         accept_module._MIN_GROUPS_KEPT,
         accept_module._COMPACT_FROM_GROUPS,
         accept_module._GROUP,
-        accept_module._FANOUT,
     )
     modes = {"top-k/p": TOP_K_P}
     return _timed_sweep(THRESHOLD_CONFIGS, THRESHOLD_KNOBS, _configure_thresholds, shipped, modes)

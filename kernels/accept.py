@@ -167,22 +167,6 @@ def _max_and_min(max_a, min_a, max_b, min_b):
 
 
 @triton.jit
-def _probe_keys(lo, hi, FANOUT: tl.constexpr):
-    """FANOUT keys splitting the int64 key range [lo, hi) into FANOUT + 1 near-equal parts,
-    ascending ([FANOUT] int64; FANOUT = 1 is the midpoint of a bisection)."""
-    return lo + ((hi - lo) * (tl.arange(0, FANOUT).to(tl.int64) + 1)) // (FANOUT + 1)
-
-
-@triton.jit
-def _narrow(lo, hi, probes, holds):
-    """(lo, hi) of a search for the largest key where a cut holds (it holds at lo, fails at hi),
-    narrowed by the probes: lo the largest probe that holds, hi the smallest that fails."""
-    lo = tl.maximum(lo, tl.max(tl.where(holds, probes, lo), axis=0))
-    hi = tl.minimum(hi, tl.min(tl.where(holds, hi, probes), axis=0))
-    return lo, hi
-
-
-@triton.jit
 def _after_previous_kernel(PDL: tl.constexpr):
     """Under programmatic dependent launch (PDL): wait until the previous kernel's writes are
     visible, then let the next kernel launch early (it waits here too before touching memory)."""
@@ -324,8 +308,9 @@ def _grouped_top_k_kernel(
     logits_ptr,  # [*, V]
     rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
     group_max_ptr,  # [P, G] f32: _group_max_kernel's
-    candidate_x_ptr,  # [P, CANDIDATES] f32 scratch (COMPACT)
-    candidate_tok_ptr,  # [P, CANDIDATES] int32 scratch (COMPACT)
+    group_ids_ptr,  # [P, GROUPS_KEPT] int32 scratch
+    candidate_x_ptr,  # [P, CANDIDATES] f32 scratch
+    candidate_tok_ptr,  # [P, CANDIDATES] int32 scratch
     uniforms_ptr,  # [uniform_period] f32: pair p draws uniforms[p % uniform_period]
     tokens_ptr,  # [P] int64 out
     # sizes and scalars
@@ -344,8 +329,6 @@ def _grouped_top_k_kernel(
     GROUPS_KEPT: tl.constexpr,
     CANDIDATES: tl.constexpr,
     BLOCK_G: tl.constexpr,
-    ROW_GROUPS: tl.constexpr,
-    FANOUT: tl.constexpr,
     BLOCK: tl.constexpr,
     COMPACT: tl.constexpr,
     PDL: tl.constexpr,
@@ -356,23 +339,17 @@ def _grouped_top_k_kernel(
     A group key cut c with count(groups whose max >= c) >= k has k tokens >= c: every token of
     the row's top-k is >= c, so it lies in those groups. Gathering them (at most GROUPS_KEPT,
     found by bisection over the group maxima) gives a candidate set that holds every kept
-    token and counts exactly at every key >= c, so the top-k search over it is exact, as is
+    token and counts exactly at every key >= c, so the top-k bisection over it is exact, as is
     top-p on the kept set; the draw is the inverse CDF over the candidates in token order. A row
     of at most GROUPS_KEPT groups gathers them all. With COMPACT, the tokens above a raised cut
     that still keeps k of them, at most CANDIDATES, are then compacted to one per thread for the
-    cuts and the draw; without, those run on the gathered tile. Both cuts over the candidates
-    probe FANOUT keys per step (one batched reduction instead of log2(FANOUT + 1) dependent
-    ones). When ties leave no cut with few enough groups (or, with COMPACT, tokens), passes over
-    the row do the same."""
+    cuts and the draw; without, those run on the gathered tile. When ties leave no cut with few
+    enough groups (or, with COMPACT, tokens), passes over the row do the same."""
     _after_previous_kernel(PDL)
     pair = tl.program_id(0)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
     u = tl.load(uniforms_ptr + pair % uniform_period)
-    # the group maxima as [BLOCK_G // ROW_GROUPS, ROW_GROUPS]: the kept groups' ids come from
-    # per-row counts and a bitmask a row, not from a scan over every group
-    tile_row = tl.arange(0, BLOCK_G // ROW_GROUPS)
-    in_row = tl.arange(0, ROW_GROUPS)
-    gid = tile_row[:, None] * ROW_GROUPS + in_row[None, :]
+    gid = tl.arange(0, BLOCK_G)
     group_max = tl.load(
         group_max_ptr + pair.to(tl.int64) * num_groups + gid,
         mask=gid < num_groups,
@@ -380,9 +357,8 @@ def _grouped_top_k_kernel(
     )
     group_key = tl.where(gid < num_groups, _order_key(group_max, KEY_SHIFT), -2147483648)
     x_max, lo = tl.reduce(
-        (group_max, tl.where(gid < num_groups, group_key, 2147483647)), 1, _max_and_min
-    )
-    x_max, lo = tl.reduce((x_max, lo), 0, _max_and_min)  # one reduction for both
+        (group_max, tl.where(gid < num_groups, group_key, 2147483647)), 0, _max_and_min
+    )  # one reduction for both
     lo = lo.to(tl.int64)
     key_end = _order_key(x_max, KEY_SHIFT).to(tl.int64) + 1  # past the largest key: no reduction
     hi = key_end
@@ -391,7 +367,7 @@ def _grouped_top_k_kernel(
         hi = lo + 1  # every group: the candidates are the whole row
     while hi - lo > 1:  # top_k <= GROUPS_KEPT < num_groups: the k-th largest group max exists
         mid = lo + (hi - lo) // 2
-        count = tl.sum(tl.sum((group_key >= mid.to(tl.int32)).to(tl.int32), axis=1), axis=0)
+        count = tl.sum((group_key >= mid.to(tl.int32)).to(tl.int32), axis=0)
         if count >= top_k:
             lo = mid
             num_kept = count
@@ -405,20 +381,14 @@ def _grouped_top_k_kernel(
     tile_tok = tl.full([GROUPS_KEPT * GROUP], 2147483647, tl.int32)
     tile_ok = tl.full([GROUPS_KEPT * GROUP], False, tl.int1)
     if num_kept <= GROUPS_KEPT:
-        # the s-th kept group (ascending ids): its tile row from the rows' kept counts, then its
-        # place in that row's bitmask of kept groups; registers only
-        kept = group_key >= lo.to(tl.int32)
-        row_count = tl.sum(kept.to(tl.int32), axis=1)
-        row_bits = tl.sum(kept.to(tl.int64) << in_row[None, :].to(tl.int64), axis=1)  # an OR
+        # the kept groups' ids, in order, through a scratch row (registers cannot be compacted)
+        kept_group = group_key >= lo.to(tl.int32)
+        slot = tl.cumsum(kept_group.to(tl.int32), axis=0) - 1
+        scratch = group_ids_ptr + pair.to(tl.int64) * GROUPS_KEPT
+        tl.store(scratch + slot, gid, mask=kept_group)
+        tl.debug_barrier()
         slots = tl.arange(0, GROUPS_KEPT)
-        kept_through = tl.cumsum(row_count, axis=0)  # kept groups up to each tile row
-        slot_row = tl.sum((kept_through[None, :] <= slots[:, None]).to(tl.int32), axis=1)
-        on_row = tile_row[None, :] == slot_row[:, None]
-        rank = slots - tl.sum(tl.where(on_row, kept_through - row_count, 0), axis=1)
-        bits = tl.sum(tl.where(on_row, row_bits, 0), axis=1)
-        bit_set = ((bits[:, None] >> in_row[None, :].to(tl.int64)) & 1).to(tl.int32)
-        nth = (bit_set == 1) & (tl.cumsum(bit_set, axis=1) == rank[:, None] + 1)
-        group_ids = slot_row * ROW_GROUPS + tl.sum(tl.where(nth, in_row[None, :], 0), axis=1)
+        group_ids = tl.load(scratch + slots, mask=slots < num_kept, other=0)
         tok = group_ids[:, None] * GROUP + tl.arange(0, GROUP)[None, :]  # ascending token ids
         ok = (slots < num_kept)[:, None] & (tok < vocab)
         x = tl.load(row_ptr + tok, mask=ok, other=float("-inf")).to(tl.float32)
@@ -449,6 +419,7 @@ def _grouped_top_k_kernel(
                 to = group_start[:, None] + tl.cumsum(candidate.to(tl.int32), axis=1) - 1
                 base = pair.to(tl.int64) * CANDIDATES
                 tl.store(candidate_x_ptr + base + to, x, mask=candidate)
+                tok = group_ids[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
                 tl.store(candidate_tok_ptr + base + to, tok, mask=candidate)
         else:  # the gathered tile, flat in token order, holds the candidates
             num_candidates = 0  # <= CANDIDATES: the cuts and the draw below, on the tile
@@ -468,18 +439,21 @@ def _grouped_top_k_kernel(
         key = tl.where(valid, _order_key(x, KEY_SHIFT), -2147483648)
         hi = key_end  # the row max is a candidate
         while hi - lo > 1:
-            probes = _probe_keys(lo, hi, FANOUT)
-            at_least = key[None, :] >= probes[:, None].to(tl.int32)
-            lo, hi = _narrow(lo, hi, probes, tl.sum(at_least.to(tl.int32), axis=1) >= top_k)
+            mid = lo + (hi - lo) // 2
+            if tl.sum((key >= mid.to(tl.int32)).to(tl.int32), axis=0) >= top_k:
+                lo = mid
+            else:
+                hi = mid
         w = tl.where(key >= lo.to(tl.int32), _weight(x, x_max, scale), 0.0)
         if top_p < 1.0:
             target = top_p * tl.sum(w, axis=0)
             hi = key_end
             while hi - lo > 1:
-                probes = _probe_keys(lo, hi, FANOUT)
-                at_least = key[None, :] >= probes[:, None].to(tl.int32)
-                mass = tl.sum(tl.where(at_least, w[None, :], 0.0), axis=1)
-                lo, hi = _narrow(lo, hi, probes, mass >= target)
+                mid = lo + (hi - lo) // 2
+                if tl.sum(tl.where(key >= mid.to(tl.int32), w, 0.0), axis=0) >= target:
+                    lo = mid
+                else:
+                    hi = mid
             w = tl.where(key >= lo.to(tl.int32), w, 0.0)
         # empty slots (after the candidates) get no id: their cumulative weight is the total
         through = tl.cumsum(w, axis=0)
@@ -710,10 +684,6 @@ _MIN_GROUPS_KEPT = 32
 _COMPACT_FROM_GROUPS = 64
 # ... compacted to the at most _CANDIDATES tokens above a cut that keeps at least k (one a thread)
 _CANDIDATES = 256
-# ... finding the kept groups' ids from the group maxima as rows of _ROW_GROUPS (<= 64: one int64
-# bitmask a row), and both cuts over the candidates with _FANOUT probes a step
-_ROW_GROUPS = 64
-_FANOUT = 8
 # the grouped kernel's passes over rows of heavy ties: a smaller block than the threshold
 # kernel's, so that those rare passes do not crowd the common path's registers
 _TIED_ROW_BLOCK = 4096
@@ -780,21 +750,18 @@ def _sample_pairs(
             num_warps=_NUM_WARPS["group_max"], **_pdl(device),
         )  # fmt: skip
         groups_kept = max(_MIN_GROUPS_KEPT, triton.next_power_of_2(top_k))
-        compact = groups_kept >= _COMPACT_FROM_GROUPS
-        candidate_x = candidate_tok = group_max  # unused pointers without compaction
-        if compact:
-            candidate_x = torch.empty(num_pairs, _CANDIDATES, dtype=torch.float32, device=device)
-            candidate_tok = torch.empty(num_pairs, _CANDIDATES, dtype=torch.int32, device=device)
+        group_ids = torch.empty(num_pairs, groups_kept, dtype=torch.int32, device=device)
+        candidate_x = torch.empty(num_pairs, _CANDIDATES, dtype=torch.float32, device=device)
+        candidate_tok = torch.empty(num_pairs, _CANDIDATES, dtype=torch.int32, device=device)
         tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)
-        block_g = triton.next_power_of_2(num_groups)
         _grouped_top_k_kernel[(num_pairs,)](
-            logits, rows_arg, group_max, candidate_x, candidate_tok, uniforms, tokens,
+            logits, rows_arg, group_max, group_ids, candidate_x, candidate_tok, uniforms, tokens,
             vocab, num_groups, uniform_period, top_k, top_p, scale,
             logits.stride(0),
             HAS_ROWS=has_rows, KEY_SHIFT=key_shift, GROUP=group, GROUPS_KEPT=groups_kept,
-            CANDIDATES=_CANDIDATES, BLOCK_G=block_g, ROW_GROUPS=min(_ROW_GROUPS, block_g),
-            FANOUT=_FANOUT, BLOCK=min(_TIED_ROW_BLOCK, triton.next_power_of_2(vocab)),
-            COMPACT=compact,
+            CANDIDATES=_CANDIDATES, BLOCK_G=triton.next_power_of_2(num_groups),
+            BLOCK=min(_TIED_ROW_BLOCK, triton.next_power_of_2(vocab)),
+            COMPACT=groups_kept >= _COMPACT_FROM_GROUPS,
             num_warps=_NUM_WARPS["grouped_top_k"], **_pdl(device),
         )  # fmt: skip
         return tokens

@@ -85,14 +85,13 @@ def _variants():
         const = {"HAS_ROWS": True, "BLOCK": 8192, "GROUP": 64, "PDL": True}
         yield _group_max_kernel, signature, const, {"num_warps": 4, "launch_pdl": True}
         signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "group_max_ptr": "*fp32"}
-        signature |= {"candidate_x_ptr": "*fp32"}
+        signature |= {"group_ids_ptr": "*i32", "candidate_x_ptr": "*fp32"}
         signature |= {"candidate_tok_ptr": "*i32", "uniforms_ptr": "*fp32", "tokens_ptr": "*i64"}
         signature |= {"vocab": "i32", "num_groups": "i32", "uniform_period": "i32"}
         signature |= {"top_k": "i32", "top_p": "fp32", "scale": "fp32", "stride_row": "i64"}
         for groups_kept, compact in ((32, False), (128, True)):  # top-k 20; top-k 128
             const = {"HAS_ROWS": True, "KEY_SHIFT": key_shift, "GROUP": 64}
             const |= {"GROUPS_KEPT": groups_kept, "CANDIDATES": 256, "BLOCK_G": 4096}
-            const |= {"ROW_GROUPS": 64, "FANOUT": 8}
             const |= {"BLOCK": 4096, "COMPACT": compact, "PDL": True}
             yield _grouped_top_k_kernel, signature, const, {"num_warps": 4, "launch_pdl": True}
         signature = {"logits_ptr": f"*{dtype}", "rows_ptr": "*i32", "threshold_ptr": "*fp32"}

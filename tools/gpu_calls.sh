@@ -73,6 +73,8 @@
 #                                           || accept's benchmark and sweeps (GPU1)
 # Session 10 (the grouped top-k: kept group ids without a scan, cuts probing FANOUT keys a step):
 #   call s27 carry []                       = s26, with only the top-k sweep and the kernel split
+#                                           (rejected: slower)
+#   call s28 carry []                       the chunking sweep alone (the walk's and select's warps)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -323,6 +325,10 @@ case "$call" in
     READ_FLOOR=1 accept_calls 400 tests/test_accept.py tests/test_sample_tokens.py \
       tests/test_sampling_lossless.py tests/test_graphs.py tests/test_lossless.py
     ;;
+  s28)
+    run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work" \
+      --only chunks
+    ;;
   s26 | s27)
     (run_on 0 400 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
         tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py \
@@ -337,7 +343,7 @@ case "$call" in
     wait
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s27; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s28; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
