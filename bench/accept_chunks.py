@@ -1,6 +1,7 @@
 """How `accept`'s time depends on its vocabulary chunking and launch shapes: a sweep that tunes
-`kernels.accept`'s _BLOCK (tokens per chunk when sampling), _GREEDY_BLOCK (per chunk for the
-argmax), the three kernels' warps and whether they use programmatic dependent launch (PDL, sm_90+).
+`kernels.accept`'s _BLOCK and _SMALL_VOCAB_BLOCK (tokens per chunk when sampling, at or above
+_LARGE_VOCAB and below it), _GREEDY_BLOCK (per chunk for the argmax), the three kernels' warps and
+whether they use programmatic dependent launch (PDL, sm_90+).
 
 The greedy and sampled paths are three launches (partials over (rows, chunks), select per row, the
 walk); the partials pass reads every candidate row once and dominates. Each configuration is timed
@@ -37,35 +38,35 @@ from bench.bench_accept import NUM_BRANCHES
 # the module (the package binds kernels.accept to the launcher of the same name)
 accept_module = importlib.import_module("kernels.accept")
 
-# (sampled BLOCK, greedy BLOCK, partials warps, select warps, walk warps, programmatic dependent
-# launch); earlier sweeps (bench/results/accept_chunks-*) found several blocks per partials
-# program, a persistent partials grid (a few programs per SM looping over the chunks), a packed
-# int32 greedy argmax and a one-launch accept (select and walk by the last program to arrive) slower
+# (sampled BLOCK at V >= 131072, below it, greedy BLOCK, partials warps, select warps, walk warps,
+# programmatic dependent launch); earlier sweeps (bench/results/accept_chunks-*) found several
+# blocks per partials program, a persistent partials grid (a few programs per SM looping over the
+# chunks), a packed int32 greedy argmax, a one-launch accept (select and walk by the last program
+# to arrive) and the walk on 1 or 2 warps or select on 2 slower
 CONFIGS = (
-    (8192, 4096, 4, 8, 4, True),
-    (8192, 4096, 4, 8, 4, False),
-    (8192, 4096, 8, 8, 4, True),
-    (8192, 4096, 2, 8, 4, True),
-    (8192, 4096, 4, 4, 4, True),
-    (8192, 2048, 4, 8, 4, True),
-    (8192, 8192, 4, 8, 4, True),
-    (4096, 4096, 4, 8, 4, True),
-    (8192, 4096, 4, 8, 1, True),
-    (8192, 4096, 4, 8, 2, True),
-    (8192, 4096, 4, 4, 1, True),
-    (8192, 4096, 4, 2, 1, True),
+    (8192, 4096, 4096, 4, 8, 4, True),
+    (8192, 4096, 4096, 4, 8, 4, False),
+    (8192, 8192, 4096, 4, 8, 4, True),
+    (4096, 4096, 4096, 4, 8, 4, True),
+    (8192, 2048, 4096, 4, 8, 4, True),
+    (8192, 4096, 4096, 8, 8, 4, True),
+    (8192, 4096, 4096, 2, 8, 4, True),
+    (8192, 4096, 4096, 4, 4, 4, True),
+    (8192, 4096, 2048, 4, 8, 4, True),
+    (8192, 4096, 8192, 4, 8, 4, True),
 )
 MODES = {"greedy": dict(temperature=0.0), "sampled": dict(temperature=1.0)}
 PARTS = ("chunks", "thresholds", "split")  # the sweeps, in the order they run
-KNOBS = ("block", "greedy_block", "warps", "select_warps", "scan_warps", "pdl")
+KNOBS = ("block", "small_block", "greedy_block", "warps", "select_warps", "scan_warps", "pdl")
 COLUMNS = ("vocab", "T", "mode", *KNOBS, "current", "us")
 SPLIT_COLUMNS = ("vocab", "T", "mode", "us", "pdl_us", "kernels_us", "gaps_us", "per_kernel")
 
 
 def _configure(
-    block: int, greedy_block: int, warps: int, select: int, scan: int, pdl: bool
+    block: int, small_block: int, greedy_block: int, warps: int, select: int, scan: int, pdl: bool
 ) -> None:
     accept_module._BLOCK = block
+    accept_module._SMALL_VOCAB_BLOCK = small_block
     accept_module._GREEDY_BLOCK = greedy_block
     accept_module._NUM_WARPS.update(partials=warps, select=select, scan=scan)
     accept_module._PDL = pdl
@@ -74,6 +75,7 @@ def _configure(
 def _shipped() -> tuple:
     return (
         accept_module._BLOCK,
+        accept_module._SMALL_VOCAB_BLOCK,
         accept_module._GREEDY_BLOCK,
         accept_module._NUM_WARPS["partials"],
         accept_module._NUM_WARPS["select"],

@@ -20,13 +20,17 @@ from kernels.accept import (
     _CANDIDATES,
     _GROUP,
     _GROUPS_KEPT,
+    _LARGE_VOCAB,
+    _SMALL_VOCAB_BLOCK,
     _THRESHOLD_BLOCK,
+    _chunking,
     sample_tokens,
     sample_tokens_ref,
 )
 
-CHUNK = _BLOCK
+CHUNK = _SMALL_VOCAB_BLOCK  # the sampled chunk below _LARGE_VOCAB
 MULTI_CHUNK_V = 2 * CHUNK + 77  # three chunks, the last one partial
+LARGE_V = _LARGE_VOCAB + 2 * _BLOCK + 77  # a large vocabulary's chunks, the last one partial
 MULTI_BLOCK_V = _THRESHOLD_BLOCK + 904  # two blocks in the threshold kernel's passes
 MANY_GROUPS_V = _GROUP * (_GROUPS_KEPT + 30) - 5  # a small top-k bisects over the group maxima
 P_MIN = 1e-3  # the statistical tests' threshold
@@ -267,6 +271,7 @@ def test_sampled_matches_reference(
     "vocab, top_k, top_p",
     [
         (MULTI_CHUNK_V, 0, 1.0),  # several chunks: mass prefix over chunks, scan of one chunk
+        (LARGE_V, 0, 1.0),  # ... of the large vocabularies' chunk
         (MULTI_BLOCK_V, 7, 0.9),  # several blocks in every bisection pass
         (MULTI_BLOCK_V, MULTI_BLOCK_V - 1, 1.0),  # top_k = V - 1: cuts one token
         (50, 50, 1.0),  # top_k = V and top_k > V keep everything
@@ -278,6 +283,12 @@ def test_sampled_large_and_edge_vocab(vocab: int, top_k: int, top_p: float) -> N
     u = safe_uniforms(warped_probs(x, 1.0, top_k, top_p))
     got = sample_tokens(x, u, temperature=1.0, top_k=top_k, top_p=top_p)
     assert torch.equal(got, sample_tokens_ref(x, u, temperature=1.0, top_k=top_k, top_p=top_p))
+
+
+def test_sampled_chunks_follow_the_vocabulary() -> None:
+    """The vocabularies above take the chunking they are named for (a function of V alone)."""
+    assert _chunking(MULTI_CHUNK_V, greedy=False) == (CHUNK, 3)
+    assert _chunking(LARGE_V, greedy=False) == (_BLOCK, _LARGE_VOCAB // _BLOCK + 3)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

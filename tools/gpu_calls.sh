@@ -75,6 +75,7 @@
 #   call s27 carry []                       = s26, with only the top-k sweep and the kernel split
 #                                           (rejected: slower)
 #   call s28 carry []                       the chunking sweep alone (the walk's and select's warps)
+#   call s29 (= s20)                        sampled chunks of 4096 below V = 131072
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -313,7 +314,7 @@ case "$call" in
   s17 | s18 | s19)  # top-k from the chunks' candidates (s18: stopped early, tuned warps)
     accept_calls 200 tests/test_accept.py tests/test_sample_tokens.py
     ;;
-  s20 | s21 | s22)
+  s20 | s21 | s22 | s29)
     accept_calls 400 tests/test_accept.py tests/test_sample_tokens.py \
       tests/test_sampling_lossless.py tests/test_graphs.py tests/test_lossless.py
     ;;
@@ -343,7 +344,7 @@ case "$call" in
     wait
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s28; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s29; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
