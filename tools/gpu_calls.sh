@@ -76,6 +76,10 @@
 #                                           (rejected: slower)
 #   call s28 carry []                       the chunking sweep alone (the walk's and select's warps)
 #   call s29 (= s20)                        sampled chunks of 4096 below V = 131072
+#   call s30 carry [".device-gb", ".device-ab"]  after `cp .device-ga/part_a /root/stash/`: is the
+#                                           triton backend's greedy output reproducible? d2sd.run
+#                                           twice on this tree (GPU0) || twice with the accept.py
+#                                           in .device-ab (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -330,6 +334,22 @@ case "$call" in
     run_on 1 300 gpu1-accept-chunks.log python3 -m bench.accept_chunks --out-dir "$work" \
       --only chunks
     ;;
+  s30)
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-gb/gguf-*.whl
+    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+    rm -rf /root/ab && mkdir -p /root/ab && abs_work=$(cd "$work" && pwd)
+    cp -r kernels d2sd tests tools bench pyproject.toml /root/ab/ && cp .device-ab/accept_*.py \
+      /root/ab/kernels/accept.py
+    (for n in 1 2; do
+      D2SD_DEFAULT_GGUF=$gguf run_on 0 200 "gpu0-run-$n.log" python3 -m d2sd.run --backend triton \
+        --json "$work/run-head-$n.json"
+    done) &
+    (cd /root/ab && for n in 1 2; do
+      D2SD_DEFAULT_GGUF=$gguf CUDA_VISIBLE_DEVICES=1 timeout 200 python3 -m d2sd.run \
+        --backend triton --json "$abs_work/run-ab-$n.json" >> "$abs_work/gpu1-run-$n.log" 2>&1
+    done) &
+    wait
+    ;;
   s26 | s27)
     (run_on 0 400 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
         tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py \
@@ -344,7 +364,7 @@ case "$call" in
     wait
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s29; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s30; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
