@@ -80,6 +80,7 @@
 #                                           triton backend's greedy output reproducible? d2sd.run
 #                                           twice on this tree (GPU0) || twice with the accept.py
 #                                           in .device-ab (GPU1)
+#   call s31 (= s20)                        the walk launched when the sampler's last kernel starts
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -318,7 +319,7 @@ case "$call" in
   s17 | s18 | s19)  # top-k from the chunks' candidates (s18: stopped early, tuned warps)
     accept_calls 200 tests/test_accept.py tests/test_sample_tokens.py
     ;;
-  s20 | s21 | s22 | s29)
+  s20 | s21 | s22 | s29 | s31)
     accept_calls 400 tests/test_accept.py tests/test_sample_tokens.py \
       tests/test_sampling_lossless.py tests/test_graphs.py tests/test_lossless.py
     ;;
@@ -364,7 +365,7 @@ case "$call" in
     wait
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s30; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s31; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
