@@ -175,18 +175,6 @@ def _after_previous_kernel(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-@triton.jit
-def _before_walk(PDL: tl.constexpr):
-    """_after_previous_kernel for the sampler's last kernel (select, the grouped top-k): the walk
-    may launch at once, before this kernel's own wait, and does its drafts-only half meanwhile.
-    That half reads what kernels before accept's first wrote: the first waited for them before
-    letting this kernel launch. The walk still waits for this kernel before reading its tokens;
-    after `sample_tokens`, no kernel launches early (only accept's own launch with PDL)."""
-    if PDL:
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-
-
 # ----------------------------------------------------------------------------------------------
 # Kernels
 # ----------------------------------------------------------------------------------------------
@@ -357,7 +345,7 @@ def _grouped_top_k_kernel(
     that still keeps k of them, at most CANDIDATES, are then compacted to one per thread for the
     cuts and the draw; without, those run on the gathered tile. When ties leave no cut with few
     enough groups (or, with COMPACT, tokens), passes over the row do the same."""
-    _before_walk(PDL)
+    _after_previous_kernel(PDL)
     pair = tl.program_id(0)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
     u = tl.load(uniforms_ptr + pair % uniform_period)
@@ -552,7 +540,7 @@ def _select_kernel(
     BLOCK_S: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    _before_walk(PDL)
+    _after_previous_kernel(PDL)
     pair = tl.program_id(0)
     row_ptr = _pair_row_ptr(logits_ptr, rows_ptr, pair, stride_row, HAS_ROWS)
     chunk_ids = tl.arange(0, BLOCK_S)
@@ -612,8 +600,8 @@ def _accept_scan_kernel(
     PDL: tl.constexpr,
 ):
     # Under PDL everything that reads only the drafts runs before the wait, overlapping the
-    # sampler: this kernel launches once the sampler's last kernel has started (_before_walk),
-    # after accept's first kernel waited for the kernels that wrote the drafts and rows.
+    # select kernel: the drafts and rows come from kernels that finished before it started (each
+    # of ours lets its successor launch only after its own wait).
     ob = tl.arange(0, BLOCK_B)
     ot = tl.arange(0, BLOCK_T)
     b_ok = ob < num_branches
@@ -703,8 +691,7 @@ _CANDIDATES = 256
 # kernel's, so that those rare passes do not crowd the common path's registers
 _TIED_ROW_BLOCK = 4096
 # Programmatic dependent launch for partials, select and the walk on sm_90+: each kernel launches
-# while its predecessor drains and waits (griddepcontrol.wait) before touching memory; the walk
-# launches as soon as the sampler's last kernel starts.
+# while its predecessor drains and waits (griddepcontrol.wait) before touching memory.
 _PDL = True
 
 

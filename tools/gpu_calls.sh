@@ -81,6 +81,7 @@
 #                                           twice on this tree (GPU0) || twice with the accept.py
 #                                           in .device-ab (GPU1)
 #   call s31 (= s20)                        the walk launched when the sampler's last kernel starts
+#                                           (rejected: no measurable change)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
