@@ -82,6 +82,8 @@
 #                                           in .device-ab (GPU1)
 #   call s31 (= s20)                        the walk launched when the sampler's last kernel starts
 #                                           (rejected: no measurable change)
+#   call s32 carry []                       bench.lm_head_fusion: would accept's greedy partials in
+#                                           the lm_head GEMM's epilogue pay? (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -352,6 +354,9 @@ case "$call" in
     done) &
     wait
     ;;
+  s32)
+    run_on 1 330 gpu1-lm-head-fusion.log python3 -m bench.lm_head_fusion --out-dir "$work"
+    ;;
   s26 | s27)
     (run_on 0 400 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
         tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py \
@@ -366,7 +371,7 @@ case "$call" in
     wait
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s31; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s32; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
