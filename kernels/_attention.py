@@ -303,6 +303,16 @@ def arrival_counters(device: torch.device, count: int) -> torch.Tensor:
     return buffers[-1]
 
 
+def autotune_kept(configs: list[triton.Config], key: list[str]) -> Callable:
+    """`triton.autotune` whose choice Triton keeps in its on-disk cache (`cache_results`).
+
+    The configurations round differently (key tiles of other sizes), so a choice made anew by
+    timing in every process changed the triton backend's greedy text between two runs of one
+    commit (bench/results/smollm2-run-triton-repro-*). With the cache, every later process on the
+    machine takes the first one's choice, and its text."""
+    return triton.autotune(configs=configs, key=key, cache_results=True)
+
+
 def rows_bucket(num_rows: int) -> int:
     """The autotuning key for a kernel's number of query rows: the next power of two, at most
     1024, so a few tunings cover every shape (prefill chunks of any length included)."""

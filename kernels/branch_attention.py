@@ -34,6 +34,7 @@ from kernels._attention import (
     LOG2E,
     attend_local,
     attention_ref,
+    autotune_kept,
     call_op,
     check_head_dim,
     check_sm_scale,
@@ -170,9 +171,8 @@ def _configs() -> list[triton.Config]:
 # Tiny, latency-bound work (T keys, T * group rows per program): tile sizes follow head_dim, group,
 # whether there is local attention at all and the rows per branch (an AR step has `group`, a verify
 # T * group); never the prefix length.
-_branch = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "group", "HAS_LOCAL", "HAS_MASK", "rows_bucket"]
-)(_branch_kernel)
+_TUNING_KEY = ["HEAD_DIM", "group", "HAS_LOCAL", "HAS_MASK", "rows_bucket"]
+_branch = autotune_kept(_configs(), _TUNING_KEY)(_branch_kernel)
 
 
 def launch_branch(

@@ -40,6 +40,7 @@ from kernels._attention import (
     attend_local,
     attend_range,
     attention_ref,
+    autotune_kept,
     call_op,
     check_head_dim,
     check_sm_scale,
@@ -268,9 +269,8 @@ def _configs() -> list[triton.Config]:
 # number of query rows (an AR step has `group` rows, a verify B*T*group: H200 bench of one config
 # for all, 2026-11-29: B=5 T=16 took 24.8 us at L=2048 where B=9 T=16 took 21.6); not on the prefix
 # length, which changes every step.
-_prefix_split = triton.autotune(
-    configs=_configs(), key=["HEAD_DIM", "group", "num_splits", "rows_bucket", "FUSED"]
-)(_prefix_split_kernel)
+_TUNING_KEY = ["HEAD_DIM", "group", "num_splits", "rows_bucket", "FUSED"]
+_prefix_split = autotune_kept(_configs(), _TUNING_KEY)(_prefix_split_kernel)
 
 
 def check_prefix_inputs(

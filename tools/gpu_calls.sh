@@ -84,6 +84,9 @@
 #                                           (rejected: no measurable change)
 #   call s32 carry []                       bench.lm_head_fusion: would accept's greedy partials in
 #                                           the lm_head GEMM's epilogue pay? (GPU1)
+#   call s33 carry [".device-gb"]           after `cp .device-ga/part_a /root/stash/`, with the
+#                                           attention's autotuning kept on disk: d2sd.run triton three
+#                                           times in a row (GPU0) || the cascade GPU tests (GPU1)
 #
 # command of call N:  tools/gpu_calls.sh N
 # A call's working tree is capped at 64 MiB: for calls 1 and 2 take the shipped drafters out of the
@@ -357,6 +360,17 @@ case "$call" in
   s32)
     run_on 1 330 gpu1-lm-head-fusion.log python3 -m bench.lm_head_fusion --out-dir "$work"
     ;;
+  s33)
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-gb/gguf-*.whl
+    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+    (for n in 1 2 3; do
+      D2SD_DEFAULT_GGUF=$gguf run_on 0 100 "gpu0-run-$n.log" python3 -m d2sd.run --backend triton \
+        --json "$work/run-kept-$n.json"
+    done) &
+    run_on 1 200 gpu1-cascade-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
+      tests/test_cascade_attention.py &
+    wait
+    ;;
   s26 | s27)
     (run_on 0 400 gpu0-tests.log python3 -m pytest -m gpu -q -p no:cacheprovider \
         tests/test_accept.py tests/test_sample_tokens.py tests/test_sampling_lossless.py \
@@ -371,7 +385,7 @@ case "$call" in
     wait
     ;;
   *)
-    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s32; s6 is s4 again)" >&2
+    echo "unknown call '$call' (1, 2, 3, s1-s9, s13-s33; s6 is s4 again)" >&2
     exit 2
     ;;
 esac
