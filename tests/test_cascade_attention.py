@@ -2,6 +2,11 @@
 on the interpreter and the GPU; against FlashInfer's shared-prefill + merge sequence; and its
 CUDA-graph replay after cache_len changes (GPU)."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -212,6 +217,24 @@ def test_cascade_attention_matches_flashinfer(head_dim, causal):
     )  # fmt: skip
     o_ref = cascade_attention_ref(*args, causal=causal)
     assert_close_by_dtype(o, o_ref, o_fi, torch.bfloat16, "o (bound: FlashInfer's error)")
+
+
+def test_attention_tuning_is_kept_on_disk():
+    # the configurations round differently: a choice timed anew in every process changed the
+    # triton backend's greedy text between two runs (bench/results/smollm2-run-triton-repro-*).
+    # Asked in a child process without TRITON_INTERPRET, under which Triton never caches tunings.
+    check = (
+        "import importlib\n"
+        "prefix = importlib.import_module('kernels.prefix_attention')\n"
+        "branch = importlib.import_module('kernels.branch_attention')\n"
+        "assert prefix._prefix_split.cache_results and branch._branch.cache_results\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", check], cwd=root, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 @pytest.mark.gpu
