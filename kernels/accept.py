@@ -309,8 +309,8 @@ def _grouped_top_k_kernel(
     rows_ptr,  # [P] pair -> logits row (HAS_ROWS)
     group_max_ptr,  # [P, G] f32: _group_max_kernel's
     group_ids_ptr,  # [P, GROUPS_KEPT] int32 scratch
-    candidate_x_ptr,  # [P, CANDIDATES] f32 scratch
-    candidate_tok_ptr,  # [P, CANDIDATES] int32 scratch
+    candidate_x_ptr,  # [P, CANDIDATES] f32 scratch (COMPACT)
+    candidate_tok_ptr,  # [P, CANDIDATES] int32 scratch (COMPACT)
     uniforms_ptr,  # [uniform_period] f32: pair p draws uniforms[p % uniform_period]
     tokens_ptr,  # [P] int64 out
     # sizes and scalars
@@ -419,7 +419,6 @@ def _grouped_top_k_kernel(
                 to = group_start[:, None] + tl.cumsum(candidate.to(tl.int32), axis=1) - 1
                 base = pair.to(tl.int64) * CANDIDATES
                 tl.store(candidate_x_ptr + base + to, x, mask=candidate)
-                tok = group_ids[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
                 tl.store(candidate_tok_ptr + base + to, tok, mask=candidate)
         else:  # the gathered tile, flat in token order, holds the candidates
             num_candidates = 0  # <= CANDIDATES: the cuts and the draw below, on the tile
@@ -552,7 +551,7 @@ def _select_kernel(
         # the first chunk holding the row max, then the max's first id in it
         chunk = tl.min(tl.where(chunk_max == x_max, chunk_ids, BLOCK_S), axis=0)
         idx = chunk * BLOCK + tl.arange(0, BLOCK)
-        x = tl.load(row_ptr + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        x = _kept_logits(row_ptr, idx, vocab, float("-inf"), False)
         token = tl.min(tl.where(x == x_max, idx, 2147483647), axis=0)
     else:
         chunk_mass = tl.load(chunk_mass_ptr + partial, mask=valid, other=0.0)
@@ -759,8 +758,11 @@ def _sample_pairs(
         )  # fmt: skip
         groups_kept = max(_MIN_GROUPS_KEPT, triton.next_power_of_2(top_k))
         group_ids = torch.empty(num_pairs, groups_kept, dtype=torch.int32, device=device)
-        candidate_x = torch.empty(num_pairs, _CANDIDATES, dtype=torch.float32, device=device)
-        candidate_tok = torch.empty(num_pairs, _CANDIDATES, dtype=torch.int32, device=device)
+        compact = groups_kept >= _COMPACT_FROM_GROUPS
+        candidate_x, candidate_tok = group_max, group_ids  # of their dtypes, unused uncompacted
+        if compact:
+            candidate_x = torch.empty(num_pairs, _CANDIDATES, dtype=torch.float32, device=device)
+            candidate_tok = torch.empty(num_pairs, _CANDIDATES, dtype=torch.int32, device=device)
         tokens = torch.empty(num_pairs, dtype=torch.int64, device=device)
         _grouped_top_k_kernel[(num_pairs,)](
             logits, rows_arg, group_max, group_ids, candidate_x, candidate_tok, uniforms, tokens,
@@ -769,7 +771,7 @@ def _sample_pairs(
             HAS_ROWS=has_rows, KEY_SHIFT=key_shift, GROUP=group, GROUPS_KEPT=groups_kept,
             CANDIDATES=_CANDIDATES, BLOCK_G=triton.next_power_of_2(num_groups),
             BLOCK=min(_TIED_ROW_BLOCK, triton.next_power_of_2(vocab)),
-            COMPACT=groups_kept >= _COMPACT_FROM_GROUPS,
+            COMPACT=compact,
             num_warps=_NUM_WARPS["grouped_top_k"], **_pdl(device),
         )  # fmt: skip
         return tokens
