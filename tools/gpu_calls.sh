@@ -124,9 +124,16 @@ with_drafters() {  # the drafters trained in call 2, where d2sd.run looks for th
   mkdir -p d2sd/checkpoints && cp -r /root/ck/smollm2-dflash /root/ck/smollm2-vp d2sd/checkpoints/
 }
 
-real_target() {  # real_target BACKENDS RUN_LIMIT TEST_LIMIT: the default GGUF reassembled, then
-  # d2sd.run per backend (GPU0) || the real-target tests (GPU1)
+stash_gguf() {  # the default GGUF reassembled at $gguf from /root/stash/part_a (copied by an
+  # earlier call) and .device-gb's part_b; with `wheel`, gguf installed from .device-gb first
+  if [ "${1:-}" = wheel ]; then
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-gb/gguf-*.whl
+  fi
   bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+}
+
+real_target() {  # real_target BACKENDS RUN_LIMIT TEST_LIMIT: after stash_gguf, d2sd.run per
+  # backend (GPU0) || the real-target tests (GPU1)
   (for backend in $1; do
     D2SD_DEFAULT_GGUF=$gguf run_on 0 "$2" "gpu0-run-$backend.log" python3 -m d2sd.run \
       --backend "$backend" --json "$work/run-$backend.json"
@@ -188,7 +195,7 @@ case "$call" in
     wait
     ;;
   2)
-    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+    stash_gguf
     NUM_PROMPTS=${NUM_PROMPTS:-3072} DFLASH_STEPS=${STEPS:-1500} VP_STEPS=${STEPS:-1500} PARALLEL=1 \
       WORK_DIR=/root/smollm2-train timeout 360 tools/train_smollm2.sh "$gguf" /root/ck > "$work/train.log" 2>&1
     cp /root/smollm2-train/*.log "$work/" 2>/dev/null
@@ -217,6 +224,7 @@ case "$call" in
     wait
     ;;
   s2)
+    stash_gguf
     real_target "triton torch flashinfer" 170 520
     ;;
   s3)
@@ -229,7 +237,7 @@ case "$call" in
     wait
     ;;
   s4 | s6)
-    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+    stash_gguf
     (D2SD_DEFAULT_GGUF=$gguf run_on 0 100 gpu0-run-triton.log python3 -m d2sd.run --backend triton \
         --json "$work/run-triton.json"
       run_on 0 190 gpu0-system.log python3 -m pytest -m gpu -q -p no:cacheprovider \
@@ -267,7 +275,7 @@ case "$call" in
     wait
     ;;
   s8)
-    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+    stash_gguf
     (for backend in triton torch; do
       D2SD_DEFAULT_GGUF=$gguf run_on 0 200 "gpu0-run-$backend.log" python3 -m d2sd.run \
         --backend "$backend" --json "$work/run-$backend.json"
@@ -319,7 +327,7 @@ case "$call" in
     ;;
   s16)  # after s15 on the same warm machine: the default GGUF reassembled (gguf from the wheel
     # in .device-gb), d2sd.run triton then torch (GPU0) || the real-target tests (GPU1)
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-gb/gguf-*.whl
+    stash_gguf wheel
     real_target "triton torch" 200 280
     ;;
   s17 | s18 | s19)  # top-k from the chunks' candidates (s18: stopped early, tuned warps)
@@ -342,8 +350,7 @@ case "$call" in
       --only chunks
     ;;
   s30)
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-gb/gguf-*.whl
-    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+    stash_gguf wheel
     rm -rf /root/ab && mkdir -p /root/ab && abs_work=$(cd "$work" && pwd)
     cp -r kernels d2sd tests tools bench pyproject.toml /root/ab/ && cp .device-ab/accept_*.py \
       /root/ab/kernels/accept.py
@@ -361,8 +368,7 @@ case "$call" in
     run_on 1 330 gpu1-lm-head-fusion.log python3 -m bench.lm_head_fusion --out-dir "$work"
     ;;
   s33)
-    python3 -m pip install -q --no-index --no-deps --target /tmp/site .device-gb/gguf-*.whl
-    bash .device-gb/stash.sh > "$work/stash.log" 2>&1 || { cat "$work/stash.log"; exit 1; }
+    stash_gguf wheel
     (for n in 1 2 3; do
       D2SD_DEFAULT_GGUF=$gguf run_on 0 100 "gpu0-run-$n.log" python3 -m d2sd.run --backend triton \
         --json "$work/run-kept-$n.json"
