@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._harness import cuda_sweep_args, print_table, time_us, write_results
-from bench.bench_accept import NUM_BRANCHES
+from bench.bench_accept import accept_inputs
 
 # the module (the package binds kernels.accept to the launcher of the same name)
 accept_module = importlib.import_module("kernels.accept")
@@ -84,17 +84,6 @@ def _shipped() -> tuple:
     )
 
 
-def _inputs():
-    """bench_accept's shapes: (vocab, T, cand_tokens [B, T], bf16 logits [B * T, V], uniforms)."""
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for vocab in (151936, 49152):
-        for depth in (16, 32):
-            num_rows = NUM_BRANCHES * depth
-            logits = torch.randn(num_rows, vocab, device="cuda", generator=gen).to(torch.bfloat16)
-            cand = torch.randint(0, 3, (NUM_BRANCHES, depth), device="cuda", generator=gen)
-            yield vocab, depth, cand, logits, torch.rand(depth, device="cuda", generator=gen)
-
-
 def _timed_sweep(
     configs: Sequence[tuple],
     knobs: Sequence[str],
@@ -106,7 +95,7 @@ def _timed_sweep(
     the shipped configuration restored at the end."""
     rows = []
     try:
-        for vocab, depth, cand, logits, uniforms in _inputs():
+        for vocab, depth, cand, logits, uniforms in accept_inputs():
             for config in configs:
                 configure(*config)
                 for mode, warpers in modes.items():
@@ -184,7 +173,7 @@ def kernel_split(replays: int = 200) -> list[dict]:
 
     shipped_pdl = accept_module._PDL
     rows = []
-    for vocab, depth, cand, logits, uniforms in _inputs():
+    for vocab, depth, cand, logits, uniforms in accept_inputs():
         for mode, warpers in {**MODES, "top-k/p": TOP_K_P}.items():
 
             def call(cand=cand, logits=logits, uniforms=uniforms, warpers=warpers):

@@ -28,6 +28,18 @@ MODES = {
 NUM_BRANCHES = 5  # K = 4 branches + the first draft
 
 
+def accept_inputs():
+    """The shapes above, bf16, for the sweeps around accept (bench.accept_chunks, read_floor):
+    (vocab, T, cand_tokens [B, T], logits [B * T, V], uniforms [T]), seeded."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for vocab in (151936, 49152):
+        for depth in (16, 32):
+            num_rows = NUM_BRANCHES * depth
+            logits = torch.randn(num_rows, vocab, device="cuda", generator=gen).to(torch.bfloat16)
+            cand = torch.randint(0, 3, (NUM_BRANCHES, depth), device="cuda", generator=gen)
+            yield vocab, depth, cand, logits, torch.rand(depth, device="cuda", generator=gen)
+
+
 def _row(op, vocab, num_branches, depth, mode, dtype, fn, ref_fn, num_bytes) -> dict:
     return {
         "op": op,

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._harness import cuda_sweep_args, print_table, time_us, write_results
-from bench.bench_accept import MODES, NUM_BRANCHES
+from bench.bench_accept import MODES, accept_inputs
 from kernels.accept import accept
 
 REDUCTIONS = ("max", "argmax", "max_then_first")
@@ -82,27 +82,22 @@ def _row(vocab: int, depth: int, kernel: str, fn, num_bytes: int, **knobs) -> di
 
 def run() -> list[dict]:
     rows = []
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    for vocab in (151936, 49152):
-        for depth in (16, 32):
-            x = torch.randn(NUM_BRANCHES * depth, vocab, device="cuda", generator=gen).bfloat16()
-            num_bytes = x.numel() * x.element_size()
-            for block in (4096, 8192, 16384):
-                for warps in (4, 8):
-                    for reduction in REDUCTIONS:
-                        launch = _chunk_reduce(x, block, warps, reduction)
-                        knobs = {"block": block, "warps": warps}
-                        rows.append(_row(vocab, depth, reduction, launch, num_bytes, **knobs))
-            rows.append(_row(vocab, depth, "torch amax", lambda x=x: x.amax(dim=1), num_bytes))
-            rows.append(_row(vocab, depth, "torch clone", lambda x=x: x.clone(), num_bytes))
-            cand = torch.randint(0, 3, (NUM_BRANCHES, depth), device="cuda", generator=gen)
-            uniforms = torch.rand(depth, device="cuda", generator=gen)
-            for mode, warpers in MODES.items():
+    for vocab, depth, cand, x, uniforms in accept_inputs():
+        num_bytes = x.numel() * x.element_size()
+        for block in (4096, 8192, 16384):
+            for warps in (4, 8):
+                for reduction in REDUCTIONS:
+                    launch = _chunk_reduce(x, block, warps, reduction)
+                    knobs = {"block": block, "warps": warps}
+                    rows.append(_row(vocab, depth, reduction, launch, num_bytes, **knobs))
+        rows.append(_row(vocab, depth, "torch amax", lambda x=x: x.amax(dim=1), num_bytes))
+        rows.append(_row(vocab, depth, "torch clone", lambda x=x: x.clone(), num_bytes))
+        for mode, warpers in MODES.items():
 
-                def call(x=x, cand=cand, uniforms=uniforms, warpers=warpers):
-                    return accept(cand, x, uniforms=uniforms, **warpers)
+            def call(x=x, cand=cand, uniforms=uniforms, warpers=warpers):
+                return accept(cand, x, uniforms=uniforms, **warpers)
 
-                rows.append(_row(vocab, depth, f"accept {mode}", call, num_bytes))
+            rows.append(_row(vocab, depth, f"accept {mode}", call, num_bytes))
     return rows
 
 
